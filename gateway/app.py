@@ -1,0 +1,94 @@
+"""Wiring: the only place that puts the node, the listener and the admin API together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from . import admin, config as config_mod, metrics
+from .errors import ConfigError
+from .logs import event
+from .relay import Session
+from .server import Node
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """A running node: listener, admin API, signal handling, shutdown."""
+
+    def __init__(self, cfg: config_mod.Config, *, reuse_port: bool = False, worker: int | None = None):
+        self.cfg = cfg
+        self.reuse_port = reuse_port
+        self.worker = worker
+        self.node: Node | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.runner: web.AppRunner | None = None
+        self.stopping = asyncio.Event()
+        self.ports: tuple[int, int] = (0, 0)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        node = self.node = Node(cfg, loop)
+        app = admin.build(node, self.request_stop)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
+        await site.start()
+        self.server = await loop.create_server(lambda: Session(node), cfg.listen.host, cfg.listen.port,
+                                               reuse_port=self.reuse_port or None, backlog=4096)
+        node.start()
+        listen_port = self.server.sockets[0].getsockname()[1]
+        admin_port = site._server.sockets[0].getsockname()[1]
+        self.ports = (listen_port, admin_port)
+        metrics.draining.set(0)
+        event(log, "started", node=node.node_id, listen=f"{cfg.listen.host}:{listen_port}",
+              admin=f"{cfg.admin.host}:{admin_port}", worker=self.worker, config=cfg.source)
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    def reload(self) -> None:
+        try:
+            cfg = config_mod.load(self.cfg.source)
+        except ConfigError as exc:
+            metrics.config_reloads.labels("error").inc()
+            event(log, "reload_failed", logging.ERROR, problems=exc.problems)
+            return
+        if (cfg.listen, cfg.admin, cfg.workers) != (self.cfg.listen, self.cfg.admin, self.cfg.workers):
+            event(log, "reload_needs_restart", logging.WARNING,
+                  detail="listen, admin and workers change only on restart; the rest was applied")
+        self.cfg = cfg
+        self.node.reload(cfg)
+        metrics.config_reloads.labels("ok").inc()
+        event(log, "reloaded", config=cfg.source)
+
+    async def stop(self) -> None:
+        """Shutdown, in one place: stop accepting, close sessions paced, exit."""
+        node = self.node
+        if self.server is not None:
+            self.server.close()
+        drain = self.cfg.drain
+        await node.shutdown(drain.timeout_s, drain.rate_per_s, drain.close_code)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        event(log, "stopped", node=node.node_id)
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        await self.stopping.wait()
+        await self.stop()
+
+
+def run(cfg: config_mod.Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
+    import uvloop
+
+    uvloop.run(Gateway(cfg, reuse_port=reuse_port, worker=worker).run_until_signal())

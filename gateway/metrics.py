@@ -1,0 +1,73 @@
+"""Prometheus metrics. Names are part of the contract (DESIGN 8b).
+
+Per route, children are bound once when routes are compiled: the relay
+counts in plain integers on the session and flushes here on a timer and
+at close, never per message.
+
+With several workers, prometheus_client's multiprocess mode is used
+(PROMETHEUS_MULTIPROC_DIR is set by the supervisor before the workers
+start), so any worker's /metrics answers for the whole node.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import multiprocess
+
+MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+_gauge_mode = {"multiprocess_mode": "livesum"} if MULTIPROC else {}
+
+sessions_open = Gauge("gateway_sessions_open", "Sessions open now", ["route"], **_gauge_mode)
+sessions_total = Counter("gateway_sessions_total", "Sessions upgraded", ["route"])
+session_closes = Counter("gateway_session_closes_total", "Sessions ended, by close code", ["route", "code"])
+messages = Counter("gateway_messages_total", "Messages relayed", ["route", "direction"])
+message_bytes = Counter("gateway_message_bytes_total", "Bytes relayed (frames included)", ["route", "direction"])
+refusals = Counter("gateway_handshake_refusals_total", "Handshakes refused before the upgrade", ["reason"])
+upstream_failures = Counter("gateway_upstream_connect_failures_total", "Failed upstream dials",
+                            ["backend", "endpoint"])
+protocol_errors = Counter("gateway_protocol_violations_total", "Sessions closed for a protocol violation",
+                          ["code"])
+slow_consumers = Counter("gateway_slow_consumer_closes_total", "Sessions closed because a peer stopped reading",
+                         ["side"])
+resumes = Counter("gateway_resumes_total", "Sessions resumed")
+reattaches = Counter("gateway_reattaches_total", "Sessions moved to another upstream endpoint")
+replayed = Counter("gateway_replayed_messages_total", "Messages replayed after resume")
+config_reloads = Counter("gateway_config_reloads_total", "Config reloads", ["result"])
+draining = Gauge("gateway_draining", "1 while this node drains", **({"multiprocess_mode": "max"} if MULTIPROC else {}))
+
+
+class RouteMetrics:
+    """Children of the per-route metrics, bound once."""
+
+    __slots__ = ("route", "open", "total", "msgs_in", "msgs_out", "bytes_in", "bytes_out", "_closes")
+
+    def __init__(self, route: str):
+        self.route = route
+        self.open = sessions_open.labels(route)
+        self.total = sessions_total.labels(route)
+        self.msgs_in = messages.labels(route, "in")
+        self.msgs_out = messages.labels(route, "out")
+        self.bytes_in = message_bytes.labels(route, "in")
+        self.bytes_out = message_bytes.labels(route, "out")
+        self._closes: dict[int, Counter] = {}
+
+    def closed(self, code: int) -> None:
+        child = self._closes.get(code)
+        if child is None:
+            child = self._closes[code] = session_closes.labels(self.route, str(code))
+        child.inc()
+
+
+def exposition() -> bytes:
+    if MULTIPROC:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def worker_exited(pid: int) -> None:
+    if MULTIPROC:
+        multiprocess.mark_process_dead(pid)

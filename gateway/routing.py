@@ -1,0 +1,130 @@
+"""Route selection: once per handshake, never per message.
+
+Rules are compiled from the config once; `Router.candidates` walks them in
+order and yields the routes whose path, host, header and query conditions
+hold. Claims are checked by the caller after the token is verified, because a
+route whose claims are the only thing that fails answers 403, not 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from urllib.parse import parse_qsl, urlencode
+
+from .config import Match, Route
+
+
+def path_has_prefix(path: str, prefix: str) -> bool:
+    """Segment-aware prefix: '/api' matches '/api' and '/api/x', not '/apix'.
+
+    A prefix that ends in '/' matches anything below it.
+    """
+    if prefix.endswith("/"):
+        return path.startswith(prefix) or path == prefix[:-1]
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """`pattern` is lowercase, without port; '*.example.com' matches sub-domains."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def strip_port(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def claims_hold(wanted: tuple[tuple[str, object], ...], claims: Mapping[str, object] | None) -> bool:
+    """Each wanted claim equals the value, or one of the values for a tuple.
+
+    A claim that is itself a list holds if any of its elements does.
+    """
+    if not wanted:
+        return True
+    if claims is None:
+        return False
+    for name, want in wanted:
+        if name not in claims:
+            return False
+        have = claims[name]
+        options = want if isinstance(want, tuple) else (want,)
+        values = have if isinstance(have, list) else (have,)
+        if not any(v == o and type(v) is type(o) or (isinstance(v, str) and v == str(o)) for v in values for o in options):
+            return False
+    return True
+
+
+class CompiledRoute:
+    """Everything the handshake needs, bound once."""
+
+    __slots__ = ("route", "name", "match", "needs_token", "wants_token", "backend_name")
+
+    def __init__(self, route: Route):
+        self.route = route
+        self.name = route.name
+        self.match = route.match
+        self.needs_token = route.auth == "required"
+        self.wants_token = route.auth != "none"
+        self.backend_name = route.backend
+
+    def holds(self, path: str, host: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        m: Match = self.match
+        if m.path is not None and path != m.path:
+            return False
+        if m.path_prefix is not None and not path_has_prefix(path, m.path_prefix):
+            return False
+        if m.host is not None and not host_matches(m.host, host):
+            return False
+        for name, value in m.headers:
+            if headers.get(name) != value:
+                return False
+        for name, value in m.query:
+            if query.get(name) != value:
+                return False
+        return True
+
+    def path_remainder(self, path: str) -> str:
+        prefix = self.match.path_prefix
+        if prefix is None:
+            return "" if self.match.path is not None else path
+        rest = path[len(prefix.rstrip("/")):]
+        return rest
+
+
+class Router:
+    def __init__(self, routes: tuple[Route, ...]):
+        self.routes = tuple(CompiledRoute(r) for r in routes)
+
+    def candidates(self, path: str, host: str, headers: Mapping[str, str],
+                   query: Mapping[str, str]) -> Iterator[CompiledRoute]:
+        host = strip_port(host)
+        for route in self.routes:
+            if route.holds(path, host, headers, query):
+                yield route
+
+
+def upstream_target(endpoint_path: str, endpoint_query: str, route: CompiledRoute, client_path: str,
+                    client_query: str, drop_params: tuple[str, ...]) -> str:
+    """The request target sent upstream: the endpoint as written, plus with
+    `forward_path` the client's path remainder and query (credentials removed)."""
+    base = endpoint_path or "/"
+    query = endpoint_query
+    if route.route.forward_path:
+        rest = route.path_remainder(client_path)
+        if rest:
+            base = base.rstrip("/") + (rest if rest.startswith("/") else "/" + rest)
+        if client_query:
+            pairs = [(k, v) for k, v in parse_qsl(client_query, keep_blank_values=True) if k not in drop_params]
+            extra = urlencode(pairs)
+            if extra:
+                query = f"{query}&{extra}" if query else extra
+    return f"{base}?{query}" if query else base
+
+
+def compile_select(select: str) -> tuple[str, ...]:
+    """'$.a.b' -> ('a', 'b')."""
+    return tuple(select[2:].split("."))

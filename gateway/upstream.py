@@ -1,0 +1,220 @@
+"""Backend endpoints: choosing one, dialling it, knowing when it is unwell.
+
+A pool orders its endpoints for each new session (round robin, least
+connections or rendezvous hashing), skips the ones that are ejected (too many
+consecutive dial failures, for a cool-down) or unhealthy (active checks), and
+falls back to them only when nothing else is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import time
+from urllib.parse import urlsplit
+
+from . import frames, http1
+from .config import Backend
+
+log = logging.getLogger("gateway.upstream")
+
+
+class Endpoint:
+    __slots__ = ("url", "host", "port", "tls", "path", "query", "host_header", "active", "failures",
+                 "ejected_until", "healthy", "health_fails", "health_oks", "hash_seed")
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        self.url = url
+        self.tls = parts.scheme in ("wss", "https")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.path = parts.path or "/"
+        self.query = parts.query
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == default else f"{host}:{self.port}"
+        self.active = 0
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.healthy = True
+        self.health_fails = 0
+        self.health_oks = 0
+        self.hash_seed = url.encode()
+
+    def available(self, now: float) -> bool:
+        return self.healthy and self.ejected_until <= now
+
+
+class BackendPool:
+    def __init__(self, spec: Backend):
+        self.spec = spec
+        self.name = spec.name
+        self.endpoints = [Endpoint(u) for u in spec.endpoints]
+        self._rr = 0
+        self._health_task: asyncio.Task | None = None
+
+    # ---- choosing
+    def order(self, hash_key: str | None) -> list[Endpoint]:
+        """Endpoints to try for one new session, best first."""
+        now = time.monotonic()
+        eps = self.endpoints
+        n = len(eps)
+        balance = self.spec.balance
+        if balance == "consistent_hash" and hash_key is not None:
+            # Rendezvous hashing: adding or removing an endpoint moves only the
+            # sessions that hashed to it, and the fallback order is stable.
+            key = hash_key.encode()
+            ranked = sorted(eps, key=lambda e: hashlib.blake2b(key + b"\0" + e.hash_seed, digest_size=8).digest(),
+                            reverse=True)
+        else:
+            start = self._rr % n
+            self._rr += 1
+            ranked = eps[start:] + eps[:start]
+            if balance == "least_connections":
+                ranked.sort(key=lambda e: e.active)  # stable: ties keep round-robin order
+        good = [e for e in ranked if e.available(now)]
+        return good + [e for e in ranked if not e.available(now)]
+
+    def dial_failed(self, ep: Endpoint) -> None:
+        ep.failures += 1
+        if ep.failures >= self.spec.eject_after_failures:
+            ep.ejected_until = time.monotonic() + self.spec.eject_cooldown_s
+            log.warning("endpoint ejected", extra={"fields": {"event": "endpoint_ejected", "backend": self.name,
+                                                              "endpoint": ep.url, "failures": ep.failures}})
+
+    def dial_succeeded(self, ep: Endpoint) -> None:
+        ep.failures = 0
+        ep.ejected_until = 0.0
+
+    # ---- active health checks
+    def start_health(self, session_factory) -> None:
+        if self.spec.health is not None and self._health_task is None:
+            self._health_task = asyncio.ensure_future(self._health_loop(session_factory))
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            try:
+                await self._health_task
+            except asyncio.CancelledError:
+                pass
+            self._health_task = None
+
+    async def _health_loop(self, session_factory) -> None:
+        h = self.spec.health
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=h.timeout_s)
+        async with session_factory() as http:
+            while True:
+                await asyncio.gather(*(self._check(http, ep, timeout) for ep in self.endpoints))
+                await asyncio.sleep(h.interval_s)
+
+    async def _check(self, http, ep: Endpoint, timeout) -> None:
+        h = self.spec.health
+        scheme = "https" if ep.tls else "http"
+        url = f"{scheme}://{ep.host_header}{h.path}"
+        try:
+            async with http.get(url, timeout=timeout, allow_redirects=False) as resp:
+                ok = 200 <= resp.status < 300
+        except (OSError, asyncio.TimeoutError, Exception):  # any failure is "unhealthy"
+            ok = False
+        if ok:
+            ep.health_fails = 0
+            ep.health_oks += 1
+            if not ep.healthy and ep.health_oks >= h.healthy_after:
+                ep.healthy = True
+                log.info("endpoint healthy", extra={"fields": {"event": "endpoint_healthy", "backend": self.name,
+                                                               "endpoint": ep.url}})
+        else:
+            ep.health_oks = 0
+            ep.health_fails += 1
+            if ep.healthy and ep.health_fails >= h.unhealthy_after:
+                ep.healthy = False
+                log.warning("endpoint unhealthy", extra={"fields": {"event": "endpoint_unhealthy",
+                                                                    "backend": self.name, "endpoint": ep.url}})
+
+
+class UpstreamRefused(Exception):
+    """The endpoint answered the upgrade with an HTTP status (not 101)."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(status)
+
+
+_client_tls: ssl.SSLContext | None = None
+
+
+def client_tls() -> ssl.SSLContext:
+    global _client_tls
+    if _client_tls is None:
+        _client_tls = ssl.create_default_context()
+    return _client_tls
+
+
+class Dialer(asyncio.Protocol):
+    """Reads the upstream's answer to our upgrade request, then hands over."""
+
+    def __init__(self, request: bytes, key: str):
+        self.request = request
+        self.expect_accept = frames.accept_key(key)
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            # More bytes before the relay took over: keep them, in order.
+            self.buf += data
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > http1.MAX_HEAD_BYTES:
+                self.done.set_exception(ValueError("upstream response head too large"))
+            return
+        try:
+            head = http1.parse_response(self.buf[:end])
+        except ValueError as exc:
+            self.done.set_exception(exc)
+            return
+        self.buf = self.buf[end + 4:]
+        if head.status != 101:
+            self.done.set_exception(UpstreamRefused(head.status))
+        elif head.headers.get("sec-websocket-accept") != self.expect_accept:
+            self.done.set_exception(ValueError("bad Sec-WebSocket-Accept from upstream"))
+        else:
+            transport = self.transport
+            transport.pause_reading()  # the relay resumes once it is wired in
+            self.done.set_result(head)
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("upstream closed during handshake"))
+
+
+async def dial(ep: Endpoint, target: str, headers: list[tuple[str, str]], timeout: float):
+    """Open a WebSocket to `ep`. Returns (transport, response head, leftover bytes)."""
+    loop = asyncio.get_running_loop()
+    key = frames.new_key()
+    request = http1.upgrade_request(target, ep.host_header, key, headers)
+    transport = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, proto = await loop.create_connection(
+                lambda: Dialer(request, key), ep.host, ep.port,
+                ssl=client_tls() if ep.tls else None, server_hostname=ep.host if ep.tls else None)
+            head = await proto.done
+    except BaseException:
+        if transport is not None:
+            transport.abort()
+        raise
+    return transport, head, proto.buf
