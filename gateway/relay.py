@@ -93,6 +93,8 @@ class Session(asyncio.Protocol):
         "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u", "bucket",
         # frames the gateway itself sends, held until the stream is at a frame boundary
         "c_later", "u_later", "stall_timer",
+        # what sinks and the management API keep per session
+        "channels", "sink_state",
     )
 
     def __init__(self, node):
@@ -133,6 +135,8 @@ class Session(asyncio.Protocol):
         self.bucket = None
         self.c_later = self.u_later = b""
         self.stall_timer = None
+        self.channels = None
+        self.sink_state = None
 
     # ------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -454,6 +458,14 @@ class Session(asyncio.Protocol):
         self._send_client(frames.frame(opcode, payload))
         return True
 
+    def send_raw(self, frame_bytes: bytes) -> bool:
+        """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
+        if self.c_close_sent or self.client_gone or self.state is not State.OPEN:
+            return False
+        self.u_msgs += 1
+        self._send_client(frame_bytes)
+        return True
+
     def _send_client(self, data: bytes) -> None:
         """Frames the gateway writes to the client itself: only at a frame boundary."""
         if self.client_gone or self.c_close_sent:
@@ -595,12 +607,9 @@ class Session(asyncio.Protocol):
         code, reason = parsed
         if self.closer is None:
             self._start_closing(code, reason, "upstream")
-        if not self.c_close_sent:
-            if self.u_remaining:  # pragma: no cover - a close frame ends any frame before it
-                self.transport.abort()
-            else:
-                self.transport.write(raw)  # unmasked server frame: forwarded as it is
-                self.c_close_sent = True
+        if not self.c_close_sent and not self.client_gone:
+            self.transport.write(raw)  # unmasked server frame: forwarded as it is
+        self.c_close_sent = True
         if not self.u_close_sent:
             # The upstream started it and the client is already closing (gateway
             # close): answer the upstream ourselves.
@@ -631,12 +640,12 @@ class Session(asyncio.Protocol):
         if self.closer == "gateway":
             self.close_code = code
             self.close_reason = reason
-        self.c_close_sent = True
-        if not self.client_gone:
-            if self.u_remaining:
-                self.transport.abort()
-            else:
+        if self.u_remaining:
+            self._abort_client()  # mid-frame: a close frame now would corrupt the stream
+        else:
+            if not self.client_gone:
                 self.transport.write(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
+            self.c_close_sent = True
         if at_once:
             # A fault: nothing further is relayed, the upstream is closed now.
             self._send_upstream_close(GOING_AWAY, "client error")
@@ -656,10 +665,16 @@ class Session(asyncio.Protocol):
 
     def _close_timeout(self) -> None:
         self.close_timer = None
+        self._abort_client()
+        if not self.up_gone:
+            self.u_close_sent = self.u_close_recv = True
+            self.up.abort()
+
+    def _abort_client(self) -> None:
+        """Cut the client socket; nothing more is written to it."""
+        self.c_close_sent = self.c_close_recv = True
         if not self.client_gone:
             self.transport.abort()
-        if not self.up_gone:
-            self.up.abort()
 
     def stalled(self, client_side: bool) -> None:
         """A peer's send buffer passed send_buffer_bytes: stop reading what feeds it.
@@ -774,7 +789,9 @@ class Session(asyncio.Protocol):
             if self.ping_due:
                 # No byte from a peer for a whole ping interval after a ping.
                 if not self.c_seen:
-                    self.transport.abort()
+                    self._start_closing(1006, "keepalive timeout", "gateway")
+                    self._send_upstream_close(GOING_AWAY, "client keepalive timed out")
+                    self._abort_client()
                     return
                 if self.up is not None and not self.u_seen:
                     self._upstream_failed("upstream keepalive timed out")

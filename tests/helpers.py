@@ -39,7 +39,7 @@ class WsBackend:
         app = web.Application()
         app.router.add_get("/healthz", self._health)
         app.router.add_route("GET", "/{tail:.*}", self._ws)
-        self.runner = web.AppRunner(app, handle_signals=False)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port)
         await site.start()

@@ -1,0 +1,227 @@
+"""The process: health endpoints, SIGTERM, SIGHUP, workers, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import WSMsgType
+
+from ..conftest import proxy_config
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Proc:
+    """`gateway run` as a real process on free ports."""
+
+    def __init__(self, tmp_path, cfg: dict):
+        self.port, self.admin = free_port(), free_port()
+        cfg = dict(cfg, listen={"host": "127.0.0.1", "port": self.port},
+                   admin={"host": "127.0.0.1", "port": self.admin})
+        self.path = tmp_path / "gw.yaml"
+        self.path.write_text(yaml.safe_dump(cfg))
+        self.stderr = tmp_path / "stderr.log"
+        self.p = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(self.path)],
+                                  stderr=open(self.stderr, "wb"), stdout=subprocess.DEVNULL)
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin}"
+
+    async def ready(self, http, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.p.poll() is None, self.stderr.read_text()
+            try:
+                async with http.get(self.admin_url + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError("gateway did not become ready: " + self.stderr.read_text())
+
+    async def wait(self, timeout=20) -> int:
+        deadline = time.monotonic() + timeout
+        while self.p.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.p.poll() is None:
+            self.p.kill()
+            raise AssertionError("did not exit in time")
+        return self.p.returncode
+
+    def logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.stderr.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def proc(tmp_path):
+    made = []
+
+    def start(cfg):
+        p = Proc(tmp_path, cfg)
+        made.append(p)
+        return p
+
+    yield start
+    for p in made:
+        p.stop()
+
+
+async def test_healthz_and_readyz(gateway, backend, http):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url))
+    async with http.get(gw.admin_url + "/healthz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 200
+    gw.node.draining = True
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 503
+    gw.node.draining = False
+
+
+async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url, limits={"idle_timeout_s": 0.8}))
+    async with http.ws_connect(gw.url + "/ws") as ws:
+        for _ in range(3):
+            await ws.send_str("m")
+            await ws.receive()
+        await asyncio.sleep(0.5)  # a tick (every 0.2 s here) flushes counters while open
+        async with http.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+    assert 'gateway_sessions_open{route="r"}' in text
+    assert 'gateway_messages_total{direction="in",route="r"}' in text
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await http.ws_connect(gw.url + "/nope")
+    async with http.get(gw.admin_url + "/metrics") as r:
+        text = await r.text()
+    assert 'gateway_handshake_refusals_total{reason="no_route"}' in text
+    for _ in range(50):
+        async with http.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+        if 'gateway_session_closes_total{code="1000",route="r"}' in text:
+            break
+        await asyncio.sleep(0.05)
+    assert 'gateway_session_closes_total{code="1000",route="r"} 1.0' in text
+
+
+async def test_sigterm_closes_sessions_1001_and_exits(proc, backend, http):
+    b = await backend()
+    p = proc(proxy_config(b.url, drain={"timeout_s": 5}))
+    await p.ready(http)
+    clients = [await http.ws_connect(p.url + "/ws") for _ in range(5)]
+    await clients[0].send_str("x")
+    assert (await clients[0].receive()).data == "x"
+    p.p.send_signal(signal.SIGTERM)
+    for ws in clients:
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+    assert await p.wait() == 0
+    events = [e["event"] for e in p.logs()]
+    assert "started" in events and "shutdown" in events and "stopped" in events
+    closes = [e for e in p.logs() if e["event"] == "close"]
+    assert len(closes) == 5 and all(e["code"] == 1001 and e["conn"] for e in closes)
+
+
+async def test_sigterm_exits_within_drain_timeout_even_if_clients_ignore_close(proc, backend, http):
+    b = await backend()
+    p = proc(proxy_config(b.url, drain={"timeout_s": 1}, limits={"close_timeout_s": 30}))
+    await p.ready(http)
+    from ..helpers import RawClient
+
+    c = await RawClient.connect(p.url + "/ws")   # never answers the close
+    started = time.monotonic()
+    p.p.send_signal(signal.SIGTERM)
+    assert await p.wait(timeout=15) == 0
+    assert time.monotonic() - started < 10
+    c.close()
+
+
+async def test_sighup_reloads_routes(proc, backend, http, tmp_path):
+    b = await backend()
+    p = proc(proxy_config(b.url))
+    await p.ready(http)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await http.ws_connect(p.url + "/other")
+    cfg = yaml.safe_load(p.path.read_text())
+    cfg["routes"].append({"name": "other", "match": {"path": "/other"}, "auth": "none", "backend": "b"})
+    p.path.write_text(yaml.safe_dump(cfg))
+    p.p.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if any(e["event"] == "reloaded" for e in p.logs()):
+            break
+        await asyncio.sleep(0.05)
+    async with http.ws_connect(p.url + "/other") as ws:
+        await ws.send_str("y")
+        assert (await ws.receive()).data == "y"
+    # A broken file is refused and the running config stays.
+    p.path.write_text("routes: [\n")
+    p.p.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if any(e["event"] == "reload_failed" for e in p.logs()):
+            break
+        await asyncio.sleep(0.05)
+    async with http.ws_connect(p.url + "/other"):
+        pass
+
+
+async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(proc, backend, http):
+    b = await backend()
+    p = proc(proxy_config(b.url, workers=2))
+    await p.ready(http)
+    for _ in range(100):
+        started = [e for e in p.logs() if e["event"] == "started"]
+        if len(started) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(started) == 2
+    sup = next(e for e in p.logs() if e["event"] == "supervisor_started")
+    victim = sup["pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):
+        if any(e["event"] == "worker_restarted" for e in p.logs()):
+            break
+        await asyncio.sleep(0.1)
+    assert any(e["event"] == "worker_restarted" for e in p.logs())
+    for _ in range(10):
+        async with http.ws_connect(p.url + "/ws") as ws:
+            await ws.send_str("z")
+            assert (await ws.receive()).data == "z"
+    p.p.send_signal(signal.SIGTERM)
+    assert await p.wait() == 0
+
+
+async def test_default_config_echoes_with_no_other_service(http, tmp_path):
+    """The README's first command, minus the install: `gateway run` on routes.yaml."""
+    cfg = yaml.safe_load(open("routes.yaml"))
+    p = Proc(tmp_path, cfg)
+    try:
+        await p.ready(http)
+        async with http.ws_connect(p.url + "/echo") as ws:
+            await ws.send_str("hello")
+            assert (await ws.receive()).data == "hello"
+            await ws.send_bytes(b"\x01\x02")
+            assert (await ws.receive()).data == b"\x01\x02"
+    finally:
+        p.stop()

@@ -1,0 +1,174 @@
+"""gateway/config.py: every error names file:line:column and the key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gateway import config
+from gateway.errors import ConfigError
+
+GOOD = textwrap.dedent("""\
+    listen: {host: 127.0.0.1, port: 8080}
+    backends:
+      chat: {type: websocket, endpoints: [ws://127.0.0.1:9001/ws], balance: least_connections}
+      echo: {type: builtin, handler: echo}
+    routes:
+      - name: chat
+        match: {path: /chat, host: chat.example.com, headers: {x-tenant: acme}, query: {v: "2"}}
+        backend: chat
+      - name: echo
+        match: {path_prefix: /echo}
+        backend: echo
+    """)
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        config.parse(text, source="routes.yaml")
+    return exc.value.problems
+
+
+def test_good_config_parses_with_defaults():
+    cfg = config.parse(GOOD)
+    assert cfg.listen.port == 8080 and cfg.admin.port == 9090
+    assert [r.name for r in cfg.routes] == ["chat", "echo"]
+    assert cfg.routes[0].match.headers == (("x-tenant", "acme"),)
+    assert cfg.backends["chat"].connect_timeout_s == 3
+    assert cfg.limits.max_message_bytes == 1_048_576
+    assert cfg.workers == 1
+
+
+def test_repository_default_config_is_valid():
+    cfg = config.load("routes.yaml")
+    assert any(r.match.path == "/echo" for r in cfg.routes)
+
+
+def test_unknown_backend_names_line_column_path_and_known_names():
+    text = GOOD.replace("backend: chat", "backend: chta")
+    assert problems(text) == [
+        "routes.yaml:8:14 routes[0].backend: unknown backend 'chta' (known: chat, echo)"]
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    text = GOOD.replace("listen: {host", "listen: {hots: x, host")
+    (p,) = problems(text)
+    assert p.startswith("routes.yaml:1:10 listen.hots: unknown key 'hots' (did you mean 'host'?)")
+
+
+def test_wrong_type_names_value_and_expectation():
+    text = GOOD + "limits: {max_message_bytes: lots}\n"
+    (p,) = problems(text)
+    assert p == ("routes.yaml:12:29 limits.max_message_bytes: has value 'lots' (string); expected an integer")
+
+
+def test_all_errors_reported_at_once_in_file_order():
+    text = GOOD.replace("backend: chat", "backend: nope").replace("handler: echo", "handler: ech") + "workers: 0\n"
+    ps = problems(text)
+    assert len(ps) == 3
+    assert [int(p.split(":")[1]) for p in ps] == sorted(int(p.split(":")[1]) for p in ps)
+    assert any("workers" in p for p in ps)
+    assert any("handler: has value 'ech'" in p for p in ps)
+
+
+def test_duplicate_route_names():
+    text = GOOD.replace("- name: echo", "- name: chat")
+    assert any("duplicate route name 'chat' (first at routes[0])" in p for p in problems(text))
+
+
+def test_route_shadowed_by_earlier_catch_all():
+    text = textwrap.dedent("""\
+        backends: {e: {type: builtin, handler: echo}}
+        routes:
+          - {name: all, match: {path_prefix: /}, backend: e}
+          - {name: echo, match: {path: /echo}, backend: e}
+        """)
+    (p,) = problems(text)
+    assert p.startswith("routes.yaml:4:25 routes[1].match: route 'echo' is never reached: route 'all'")
+
+
+def test_more_specific_route_after_general_one_is_not_shadowed():
+    text = textwrap.dedent("""\
+        backends: {e: {type: builtin, handler: echo}}
+        routes:
+          - {name: a, match: {path_prefix: /api, headers: {x-beta: "1"}}, backend: e}
+          - {name: b, match: {path_prefix: /api}, backend: e}
+        """)
+    config.parse(text)
+
+
+def test_prefix_shadowing_is_segment_aware():
+    text = textwrap.dedent("""\
+        backends: {e: {type: builtin, handler: echo}}
+        routes:
+          - {name: a, match: {path_prefix: /api}, backend: e}
+          - {name: b, match: {path: /apix}, backend: e}
+          - {name: c, match: {path: /api/v1}, backend: e}
+        """)
+    ps = problems(text)
+    assert len(ps) == 1 and "route 'c' is never reached" in ps[0]
+
+
+def test_yaml_syntax_error_names_position():
+    (p,) = problems("routes: [\n  {name: a\n")
+    assert p.startswith("routes.yaml:") and "YAML syntax" in p
+
+
+def test_duplicate_yaml_keys_are_errors():
+    assert any("listen: duplicate key" in p for p in problems(GOOD + "listen: {port: 1}\n"))
+
+
+@pytest.mark.parametrize("snippet,needle", [
+    ("redis: {url: 'redis://127.0.0.1:6379/0'}\n", "not supported yet"),
+    ("drain: {resume_window_s: 60}\n", "session resume is not supported yet"),
+])
+def test_later_features_are_refused_not_ignored(snippet, needle):
+    assert any(needle in p for p in problems(GOOD + snippet))
+
+
+def test_bad_endpoint_urls():
+    text = GOOD.replace("ws://127.0.0.1:9001/ws", "http://x/ws")
+    assert any("expected a ws:// or wss://host:port/path URL" in p for p in problems(text))
+
+
+def test_consistent_hash_needs_hash_on():
+    text = GOOD.replace("balance: least_connections", "balance: consistent_hash")
+    assert any("needs hash_on" in p for p in problems(text))
+
+
+def test_empty_file_says_what_is_missing():
+    ps = problems("")
+    assert any("define at least one backend" in p for p in ps)
+    assert any("define at least one route" in p for p in ps)
+
+
+def test_top_level_must_be_a_mapping():
+    assert problems("- a\n- b\n") == ["routes.yaml:1:1 must be a mapping, got list"]
+
+
+def test_workers_auto_is_cpu_count():
+    import os
+
+    assert config.parse(GOOD + "workers: auto\n").workers == (os.cpu_count() or 1)
+
+
+def _check(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "check", str(path)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_gateway_check_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    ok = _check(good)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("backend: chat", "backend: chta"))
+    res = _check(bad)
+    assert res.returncode == 2
+    assert f"{bad}:8:14 routes[0].backend: unknown backend 'chta'" in res.stderr
+    missing = _check(tmp_path / "absent.yaml")
+    assert missing.returncode == 2 and "cannot read config" in missing.stderr
