@@ -34,6 +34,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
         node = self.node = Node(cfg, loop)
+        await node.start_identity()
         app = admin.build(node, self.request_stop)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
@@ -62,8 +63,13 @@ class Gateway:
         if (cfg.listen, cfg.admin, cfg.workers) != (self.cfg.listen, self.cfg.admin, self.cfg.workers):
             event(log, "reload_needs_restart", logging.WARNING,
                   detail="listen, admin and workers change only on restart; the rest was applied")
+        try:
+            self.node.reload(cfg)
+        except ConfigError as exc:
+            metrics.config_reloads.labels("error").inc()
+            event(log, "reload_failed", logging.ERROR, problems=exc.problems)
+            return
         self.cfg = cfg
-        self.node.reload(cfg)
         metrics.config_reloads.labels("ok").inc()
         event(log, "reloaded", config=cfg.source)
 

@@ -51,8 +51,10 @@ def _run(args) -> int:
         if args.workers is not None:
             cfg = config_mod.with_workers(cfg, args.workers)
         from .admin import admin_token
+        from .server import Identity
 
         admin_token(cfg)
+        Identity(cfg)  # keys load now: a missing secret or bad PEM stops here, with exit 2
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2

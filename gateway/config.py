@@ -453,6 +453,13 @@ def _auth(r: _Reader, doc: _Doc, value: Any) -> Auth:
     path = ("auth",)
     m = r.mapping(value, path, ("jwt", "origins")) or {}
     origins = r.get(m, path, "origins", "strlist", None)
+    for i, pattern in enumerate(origins or ()):
+        from .auth import parse_origin_pattern
+
+        try:
+            parse_origin_pattern(pattern)
+        except ValueError as exc:
+            doc.error(path + ("origins", i), f"has value {pattern!r}; {exc}")
     jwt = None
     if m.get("jwt") is not None:
         jp = path + ("jwt",)
@@ -744,8 +751,6 @@ def _check_features(doc: _Doc, routes: list[Route], backends: dict[str, Backend]
         if b.type == "builtin" and b.handler == "chat":
             doc.error(("backends", name, "handler"), "the builtin chat handler is not supported yet")
     for route in routes:
-        if route.auth != "none":
-            doc.error(("routes", route.index, "auth"), "JWT authentication is not supported yet")
         for key in ("split", "select", "events"):
             if getattr(route, key):
                 doc.error(("routes", route.index, key), f"{key} is not supported yet")

@@ -31,6 +31,8 @@ protocol_errors = Counter("gateway_protocol_violations_total", "Sessions closed 
                           ["code"])
 slow_consumers = Counter("gateway_slow_consumer_closes_total", "Sessions closed because a peer stopped reading",
                          ["side"])
+rate_limited = Counter("gateway_rate_limited_messages_total",
+                       "Client messages dropped for exceeding messages_per_second + burst")
 resumes = Counter("gateway_resumes_total", "Sessions resumed")
 reattaches = Counter("gateway_reattaches_total", "Sessions moved to another upstream endpoint")
 replayed = Counter("gateway_replayed_messages_total", "Messages replayed after resume")

@@ -26,8 +26,8 @@ import secrets
 import time
 
 from . import frames, http1
-from .errors import (GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MESSAGE_TOO_BIG, PROTOCOL_ERROR,
-                     TRY_AGAIN_LATER, ProtocolViolation, Refusal)
+from .errors import (GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLATION,
+                     PROTOCOL_ERROR, TRY_AGAIN_LATER, ProtocolViolation, Refusal)
 from .frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, parse_header, unmask
 from .session import Event, State, advance
 
@@ -95,6 +95,8 @@ class Session(asyncio.Protocol):
         "c_later", "u_later", "stall_timer",
         # what sinks and the management API keep per session
         "channels", "sink_state",
+        # rate limit: the current client message is dropped / its streamed rest is skipped
+        "c_drop", "c_skip",
     )
 
     def __init__(self, node):
@@ -137,6 +139,7 @@ class Session(asyncio.Protocol):
         self.stall_timer = None
         self.channels = None
         self.sink_state = None
+        self.c_drop = self.c_skip = False
 
     # ------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -277,6 +280,20 @@ class Session(asyncio.Protocol):
             self.c_msg_bytes = 0
             # A compressed text message is validated by whoever inflates it.
             self.c_msg_text = opcode == OP_TEXT and not rsv
+            bucket = self.bucket
+            if bucket is not None:
+                now = time.monotonic()
+                if bucket.take(now):
+                    self.c_drop = False
+                else:
+                    # Over messages_per_second + burst: this message is dropped
+                    # (and counted); staying over closes the session.
+                    self.c_drop = True
+                    self.c_msg_text = False
+                    self.node.count_rate_limited(self)
+                    after = self.node.limits.rate_limit_close_after_s
+                    if after and bucket.over_for(now) >= after:
+                        raise ProtocolViolation(POLICY_VIOLATION, "rate limit exceeded")
         else:
             raise ProtocolViolation(PROTOCOL_ERROR, "reserved opcode")
         self.c_msg_bytes += length
@@ -307,6 +324,9 @@ class Session(asyncio.Protocol):
             take = self.c_remaining if self.c_remaining < n else n
             self.c_remaining -= take
             pos = take
+            if self.c_skip:  # the rest of a rate-limited frame
+                start = take
+                self.c_skip = self.c_remaining > 0
             if not self.c_remaining and self.u_later:
                 up.write(data[:pos])
                 start = pos
@@ -374,7 +394,18 @@ class Session(asyncio.Protocol):
             # whether or not its payload is all here yet.
             if b0 & 0x80:
                 self.c_msg = 0
-                self.c_msgs += 1
+                if not self.c_drop:
+                    self.c_msgs += 1
+            if self.c_drop:
+                if pos > start:
+                    up.write(data[start:pos])
+                if end > n:
+                    self.c_remaining = end - n
+                    self.c_skip = True
+                    start = pos = n
+                    break
+                start = pos = end
+                continue
             if end > n:
                 self.c_remaining = end - n
                 pos = n
@@ -431,6 +462,10 @@ class Session(asyncio.Protocol):
                     return
                 self._client_close_frame(parsed)
                 return
+            if self.c_drop:
+                if b0 & 0x80:
+                    self.c_msg = 0
+                continue
             if self.c_parts is None:
                 self.c_parts = [payload]
             else:

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import time
 
-from . import builtin, frames, http1, metrics
+import os
+
+from . import auth, builtin, frames, http1, metrics
 from .config import Config
-from .errors import GOING_AWAY, Refusal
+from .errors import GOING_AWAY, POLICY_VIOLATION, ConfigError, Refusal
 from .logs import event
 from .relay import Session
 from .routing import Router, upstream_target
@@ -49,6 +51,65 @@ class Routing:
         self.route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in config.routes}
 
 
+class Identity:
+    """auth.jwt and auth.origins, compiled: who the client is, before the upgrade."""
+
+    def __init__(self, config: Config):
+        a = config.auth
+        self.origins = a.origins
+        self.jwt = a.jwt
+        self.verifier: auth.Verifier | None = None
+        self.jwks = None
+        self.query_params: tuple[str, ...] = ()
+        if a.jwt is None:
+            return
+        j = a.jwt
+        where = f"{config.source}: auth.jwt.keys"
+        try:
+            if j.keys.secret_env:
+                secret = os.environ.get(j.keys.secret_env)
+                if not secret:
+                    raise ConfigError([f"{where}.secret_env: environment variable {j.keys.secret_env} is not set"])
+                keys = auth.SecretKey(secret.encode())
+            elif j.keys.public_key_file:
+                keys = auth.PublicKeyFile(j.keys.public_key_file)
+            else:
+                from .jwks import JwksCache
+
+                keys = self.jwks = JwksCache(j.keys.jwks_url)
+            self.verifier = auth.Verifier(j.algorithms, keys, issuer=j.issuer, audience=j.audience,
+                                          leeway_s=j.leeway_s, require=j.require)
+        except ValueError as exc:
+            raise ConfigError([f"{where}: {exc}"]) from None
+        self.query_params = tuple(name for kind, name in map(auth.parse_source, j.sources) if kind == "query")
+
+    async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def close(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.close()
+
+    def check_origin(self, head: http1.RequestHead) -> None:
+        if self.origins is not None and not auth.origin_allowed(self.origins, head.headers.get("origin")):
+            raise Refusal(403, "origin not allowed", metric="origin")
+
+    def token(self, head: http1.RequestHead, offered: list[str]) -> tuple[str | None, list[str]]:
+        if self.jwt is None:
+            return None, offered
+        h = head.headers
+        return auth.extract_token(self.jwt.sources, h, head.query, auth.parse_cookies(h.get("cookie")), offered)
+
+    async def verify(self, token: str | None) -> dict:
+        from .jwks import verify_token
+
+        try:
+            return await verify_token(self.verifier, self.jwks, token)
+        except auth.AuthError as exc:
+            raise Refusal(exc.status, exc.reason, metric=exc.reason.replace(" ", "_")) from None
+
+
 class Node:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -56,7 +117,9 @@ class Node:
         self.node_id = config.resolved_node_id()
         self.limits = config.limits
         self.routing = Routing(config)
+        self.identity = Identity(config)
         self.sessions: dict[str, Session] = {}
+        self.by_sub: dict[str, set[Session]] = {}
         self.sockets = 0
         self.per_ip: dict[str, int] = {}
         self.draining = False
@@ -73,6 +136,9 @@ class Node:
         self.ping_ticks = max(1, round(lim.ping_interval_s / self.tick_s)) if lim.ping_interval_s else 0
 
     # ------------------------------------------------------------ lifecycle
+    async def start_identity(self) -> None:
+        await self.identity.start()
+
     def start(self) -> None:
         for pool in self.routing.pools.values():
             pool.start_health(self._http_session_factory)
@@ -84,7 +150,12 @@ class Node:
 
     def reload(self, config: Config) -> None:
         old = self.routing
+        identity = Identity(config)  # raises ConfigError before anything changes
         self.routing = Routing(config, old)
+        if identity.jwks is not None or self.identity.jwks is not None:
+            asyncio.ensure_future(self.identity.close())
+            asyncio.ensure_future(identity.start())
+        self.identity = identity
         self.config = config
         self.limits = config.limits
         self._set_timing()
@@ -112,6 +183,7 @@ class Node:
             s._close_timeout()
         for pool in self.routing.pools.values():
             await pool.stop()
+        await self.identity.close()
 
     # ------------------------------------------------------------ admission
     def admit_socket(self, s: Session) -> bool:
@@ -134,6 +206,12 @@ class Node:
         if not was_open:
             return
         self.sessions.pop(s.id, None)
+        if s.sub is not None:
+            peers = self.by_sub.get(s.sub)
+            if peers is not None:
+                peers.discard(s)
+                if not peers:
+                    del self.by_sub[s.sub]
         if s.endpoint is not None:
             s.endpoint.active -= 1
         if s.sink is not None:
@@ -159,6 +237,9 @@ class Node:
         metrics.protocol_errors.labels(str(code)).inc()
         event(log, "protocol_violation", logging.INFO, conn=s.id, code=code)
 
+    def count_rate_limited(self, s: Session) -> None:
+        metrics.rate_limited.inc()
+
     def count_overflow(self, s: Session, client_side: bool) -> None:
         side = "client" if client_side else "upstream"
         metrics.slow_consumers.labels(side).inc()
@@ -175,26 +256,34 @@ class Node:
         if self.sockets > lim.max_connections:
             raise Refusal(503, "node at capacity", metric="capacity", headers=(("Retry-After", "5"),))
         routing = self.routing
-        route = next(routing.router.candidates(head.path, h.get("host", ""), h, head.query), None)
-        if route is None:
+        candidates = list(routing.router.candidates(head.path, h.get("host", ""), h, head.query))
+        if not candidates:
             raise Refusal(404, "no route", metric="no_route")
         key = _check_upgrade(head)
-        offered = [p.strip() for p in h.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        identity = self.identity
+        identity.check_origin(head)
+        client_offer = auth.parse_subprotocols(h.get("sec-websocket-protocol"))
+        token, offered = identity.token(head, client_offer)
+        route, claims = await self._pick_route(candidates, token)
         backend = routing.config.backends[route.backend_name]
         s.route = route
+        s.claims = claims
+        if claims is not None and isinstance(claims.get("sub"), str):
+            s.sub = claims["sub"]
         if backend.type == "builtin":
             s.sink = routing.sinks[backend.name]
             self._go_live(s, routing, route, frames.accept_key(key), None, None, None)
             return
         pool = routing.pools[backend.name]
-        forwarded, deflate_offer = _upstream_headers(head, s, route.name)
+        forwarded, deflate_offer = _upstream_headers(head, s, route.name, identity, token, claims)
         if offered:
             forwarded.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
         if deflate_offer:
             forwarded.append(("Sec-WebSocket-Extensions", deflate_offer))
-        hash_key = _hash_key(backend.hash_on, head, s, None)
+        hash_key = _hash_key(backend.hash_on, head, s, claims)
         for ep in pool.order(hash_key):
-            target = upstream_target(ep.path, ep.query, route, head.path, head.query_string, ())
+            target = upstream_target(ep.path, ep.query, route, head.path, head.query_string,
+                                     identity.query_params)
             try:
                 transport, resp, leftover = await dial(ep, target, forwarded, backend.connect_timeout_s)
             except UpstreamRefused as exc:
@@ -222,7 +311,26 @@ class Node:
         s.endpoint = ep
         ep.active += 1
         s.deflate = bool(extensions)
+        if not protocol and client_offer and not offered:
+            # The client offered only `bearer.<token>`: browsers fail a handshake
+            # whose answer names none of the offered protocols, so echo its own.
+            protocol = client_offer[0]
         self._go_live(s, routing, route, frames.accept_key(key), protocol, extensions, (transport, leftover))
+
+    async def _pick_route(self, candidates, token: str | None):
+        """The first candidate whose auth and claims hold. Returns (route, claims)."""
+        claims = None
+        claims_failed = False
+        for route in candidates:
+            if route.wants_token and claims is None and (token is not None or route.needs_token):
+                claims = await self.identity.verify(token)   # 401 on any problem with the token
+            if route.match.claims and not auth.claims_match(dict(route.match.claims), claims or {}):
+                claims_failed = True
+                continue
+            return route, (claims if route.wants_token else None)
+        if claims_failed:
+            raise Refusal(403, "claims do not match", metric="claims")
+        raise Refusal(404, "no route", metric="no_route")
 
     def _dial_failed(self, pool: BackendPool, ep) -> None:
         pool.dial_failed(ep)
@@ -238,6 +346,18 @@ class Node:
         event(log, "connect", conn=s.id, route=route.name, ip=s.ip,
               endpoint=s.endpoint.url if s.endpoint is not None else None)
         response = http1.switching_protocols(accept, protocol, extensions)
+        if s.sub is not None:
+            self.by_sub.setdefault(s.sub, set()).add(s)
+        lim = self.limits
+        if lim.messages_per_second > 0:
+            s.bucket = auth.TokenBucket(lim.messages_per_second, max(1, lim.burst))
+        exp = s.claims.get("exp") if s.claims else None
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            # Close at exp; a token accepted inside the leeway closes when the leeway ends.
+            left = exp - time.time()
+            if left <= 0:
+                left += self.identity.jwt.leeway_s
+            s.expiry_timer = self.loop.call_later(max(0.0, left), s.gateway_close, POLICY_VIOLATION, "token expired")
         if upstream is None:
             s.upgraded(response, None, b"")
         else:
@@ -261,10 +381,14 @@ def _check_upgrade(head: http1.RequestHead) -> str:
     return key
 
 
-def _upstream_headers(head: http1.RequestHead, s: Session, route: str) -> tuple[list[tuple[str, str]], str]:
+def _upstream_headers(head: http1.RequestHead, s: Session, route: str, identity: Identity, token: str | None,
+                      claims: dict | None) -> tuple[list[tuple[str, str]], str]:
     """Client headers to pass on, with the gateway's own. Returns (headers, deflate offer)."""
+    # A credential the gateway consumed does not travel on.
+    drop_auth = token is not None and identity.jwt is not None and "header" in identity.jwt.sources
     out = [(name, value) for name, value in head.raw_headers
-           if (low := name.lower()) not in _NOT_FORWARDED and not low.startswith("gateway-")]
+           if (low := name.lower()) not in _NOT_FORWARDED and not low.startswith("gateway-")
+           and not (drop_auth and low == "authorization")]
     h = head.headers
     xff = h.get("x-forwarded-for")
     out += [
@@ -277,6 +401,8 @@ def _upstream_headers(head: http1.RequestHead, s: Session, route: str) -> tuple[
     ]
     if "host" in h:
         out.append(("X-Forwarded-Host", h["host"]))
+    if claims is not None:
+        out += auth.forward_claim_headers(identity.jwt.forward_claims, claims)
     # Only permessage-deflate is passed through: it is the one extension whose
     # frames the relay can forward without understanding (RSV1 only).
     offers = [o.strip() for o in h.get("sec-websocket-extensions", "").split(",")

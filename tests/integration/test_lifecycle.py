@@ -100,9 +100,22 @@ async def test_healthz_and_readyz(gateway, backend, http):
     gw.node.draining = False
 
 
+def metric(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
+    # The registry is per process: compare before and after, other tests count too.
+    closes = 'gateway_session_closes_total{code="1000",route="r"}'
+    msgs = 'gateway_messages_total{direction="in",route="r"}'
+    refusals = 'gateway_handshake_refusals_total{reason="no_route"}'
     b = await backend()
     gw = await gateway(proxy_config(b.url, limits={"idle_timeout_s": 0.8}))
+    async with http.get(gw.admin_url + "/metrics") as r:
+        before = await r.text()
     async with http.ws_connect(gw.url + "/ws") as ws:
         for _ in range(3):
             await ws.send_str("m")
@@ -110,20 +123,18 @@ async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
         await asyncio.sleep(0.5)  # a tick (every 0.2 s here) flushes counters while open
         async with http.get(gw.admin_url + "/metrics") as r:
             text = await r.text()
-    assert 'gateway_sessions_open{route="r"}' in text
-    assert 'gateway_messages_total{direction="in",route="r"}' in text
+    assert metric(text, 'gateway_sessions_open{route="r"}') >= 1
+    assert metric(text, msgs) - metric(before, msgs) == 3
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await http.ws_connect(gw.url + "/nope")
-    async with http.get(gw.admin_url + "/metrics") as r:
-        text = await r.text()
-    assert 'gateway_handshake_refusals_total{reason="no_route"}' in text
     for _ in range(50):
         async with http.get(gw.admin_url + "/metrics") as r:
             text = await r.text()
-        if 'gateway_session_closes_total{code="1000",route="r"}' in text:
+        if metric(text, closes) > metric(before, closes):
             break
         await asyncio.sleep(0.05)
-    assert 'gateway_session_closes_total{code="1000",route="r"} 1.0' in text
+    assert metric(text, closes) - metric(before, closes) == 1
+    assert metric(text, refusals) - metric(before, refusals) == 1
 
 
 async def test_sigterm_closes_sessions_1001_and_exits(proc, backend, http):
