@@ -97,6 +97,8 @@ class Session(asyncio.Protocol):
         "channels", "sink_state",
         # rate limit: the current client message is dropped / its streamed rest is skipped
         "c_drop", "c_skip",
+        # True from the 101 until the session is finished: the fast test in data_received
+        "live",
     )
 
     def __init__(self, node):
@@ -140,6 +142,7 @@ class Session(asyncio.Protocol):
         self.channels = None
         self.sink_state = None
         self.c_drop = self.c_skip = False
+        self.live = False
 
     # ------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -161,8 +164,13 @@ class Session(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.OPEN or self.state is State.CLOSING:
+        if self.live:
             self.c_seen = True
+            self.c_bytes += len(data)
+            if self.c_need or self.c_buf:
+                data = self._join_client(data)
+                if data is None:
+                    return
             if self.up is not None:
                 self.from_client_relay(data)
             else:
@@ -195,6 +203,20 @@ class Session(asyncio.Protocol):
             return
         asyncio.ensure_future(self._connect(head))
 
+    def _join_client(self, data: bytes) -> bytes | None:
+        """Join `data` to the partial frame kept from before; None while incomplete."""
+        if self.c_need:  # a frame checked whole is still arriving: append, O(1) amortised
+            buf = self.c_buf
+            buf += data
+            if len(buf) < self.c_need:
+                return None
+            data = bytes(buf)
+            self.c_need = 0
+        else:
+            data = self.c_buf + data
+        self.c_buf = b""
+        return data
+
     async def _connect(self, head) -> None:
         try:
             await self.node.connect(self, head)
@@ -220,6 +242,7 @@ class Session(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.state = advance(self.state, Event.UPGRADED)
+        self.live = True
         limits = self.node.limits
         self.transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
         self.transport.write(response)
@@ -302,18 +325,6 @@ class Session(asyncio.Protocol):
         return opcode
 
     def from_client_relay(self, data: bytes) -> None:
-        self.c_bytes += len(data)
-        if self.c_need:  # a frame checked whole is still arriving: append, O(1) amortised
-            buf = self.c_buf
-            buf += data
-            if len(buf) < self.c_need:
-                return
-            data = bytes(buf)
-            self.c_buf = b""
-            self.c_need = 0
-        elif self.c_buf:
-            data = self.c_buf + data
-            self.c_buf = b""
         if self.c_close_recv or self.u_close_sent:
             return  # nothing may follow a close frame
         n = len(data)
@@ -416,18 +427,6 @@ class Session(asyncio.Protocol):
 
     def from_client_messages(self, data: bytes) -> None:
         """Client frames for a backend inside the gateway: whole messages, unmasked."""
-        self.c_bytes += len(data)
-        if self.c_need:
-            buf = self.c_buf
-            buf += data
-            if len(buf) < self.c_need:
-                return
-            data = bytes(buf)
-            self.c_buf = b""
-            self.c_need = 0
-        elif self.c_buf:
-            data = self.c_buf + data
-            self.c_buf = b""
         if self.c_close_recv:
             return
         n = len(data)
@@ -667,14 +666,16 @@ class Session(asyncio.Protocol):
             return
         if self.c_close_sent:
             return
-        if self.u_remaining and not at_once and not self.up_gone:
-            # A frame to the client is half forwarded: finish it first.
+        if self.u_remaining and not self.up_gone and not self.u_close_recv:
+            # A frame to the client is half forwarded and the upstream is still
+            # sending it: finish it, then close (RFC 6455 7.1.7 wants a close
+            # frame, and it can only go at a frame boundary).
             self.pending_close = (code, reason)
+            if at_once:
+                self._closing_by_gateway(code, reason)
+                self._send_upstream_close(GOING_AWAY, "client error")
             return
-        self._start_closing(code, reason, "gateway")
-        if self.closer == "gateway":
-            self.close_code = code
-            self.close_reason = reason
+        self._closing_by_gateway(code, reason)
         if self.u_remaining:
             self._abort_client()  # mid-frame: a close frame now would corrupt the stream
         else:
@@ -685,6 +686,12 @@ class Session(asyncio.Protocol):
             # A fault: nothing further is relayed, the upstream is closed now.
             self._send_upstream_close(GOING_AWAY, "client error")
         self._maybe_finish()
+
+    def _closing_by_gateway(self, code: int, reason: str) -> None:
+        self._start_closing(code, reason, "gateway")
+        if self.closer == "gateway":
+            self.close_code = code
+            self.close_reason = reason
 
     def _upstream_failed(self, why: str, upstream_code: int = GOING_AWAY) -> None:
         log.warning("upstream failed", extra={"fields": {"event": "upstream_failed", "conn": self.id, "why": why}})
@@ -796,6 +803,7 @@ class Session(asyncio.Protocol):
             return
         prior = self.state
         self.state = advance(self.state, Event.LOST)
+        self.live = False
         for t in (self.timer, self.life_timer, self.close_timer, self.expiry_timer, self.stall_timer):
             if t is not None:
                 t.cancel()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 
 from aiohttp import WSMsgType, web
 
 from gateway import frames
+
+
+def free_port() -> int:
+    """A port nothing listens on now (bound, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 class WsBackend:

@@ -17,14 +17,7 @@ import yaml
 from aiohttp import WSMsgType
 
 from ..conftest import proxy_config
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from ..helpers import free_port
 
 
 class Proc:

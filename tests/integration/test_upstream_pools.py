@@ -9,15 +9,7 @@ import aiohttp
 import pytest
 
 from ..conftest import proxy_config
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound then released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from ..helpers import free_port
 
 
 async def test_round_robin_spreads_sessions(gateway, backend, http):
@@ -68,7 +60,7 @@ async def test_consistent_hash_on_query_and_ip(gateway, backend, http):
 
 async def test_refused_endpoint_is_skipped_before_the_upgrade(gateway, backend, http):
     good = await backend()
-    dead = f"ws://127.0.0.1:{closed_port()}/ws"
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
     gw = await gateway(proxy_config(dead, good.url, backend={"balance": "round_robin"}))
     for _ in range(4):
         async with http.ws_connect(gw.url + "/ws") as ws:
@@ -78,7 +70,7 @@ async def test_refused_endpoint_is_skipped_before_the_upgrade(gateway, backend, 
 
 
 async def test_no_endpoint_answering_is_502(gateway, http):
-    gw = await gateway(proxy_config(f"ws://127.0.0.1:{closed_port()}/ws", f"ws://127.0.0.1:{closed_port()}/ws"))
+    gw = await gateway(proxy_config(f"ws://127.0.0.1:{free_port()}/ws", f"ws://127.0.0.1:{free_port()}/ws"))
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         await http.ws_connect(gw.url + "/ws")
     assert exc.value.status == 502
