@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from aiohttp import web
@@ -35,7 +36,7 @@ class Gateway:
         cfg = self.cfg
         node = self.node = Node(cfg, loop)
         await node.start_identity()
-        app = admin.build(node, self.request_stop)
+        app = admin.build(node, self.drain_node)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
@@ -52,6 +53,13 @@ class Gateway:
 
     def request_stop(self) -> None:
         self.stopping.set()
+
+    def drain_node(self) -> None:
+        """POST /v1/drain: the whole node drains, not just the worker that got the call."""
+        if self.worker is not None:
+            os.kill(os.getppid(), signal.SIGTERM)  # the supervisor forwards it to every worker
+        else:
+            self.request_stop()
 
     def reload(self) -> None:
         try:

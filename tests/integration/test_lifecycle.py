@@ -229,3 +229,23 @@ async def test_default_config_echoes_with_no_other_service(http, tmp_path):
             assert (await ws.receive()).data == b"\x01\x02"
     finally:
         p.stop()
+
+
+async def test_gateway_drain_command_drains_every_worker(proc, backend, http):
+    b = await backend()
+    p = proc(proxy_config(b.url, workers=2, drain={"timeout_s": 5}))
+    await p.ready(http)
+    for _ in range(100):
+        if len([e for e in p.logs() if e["event"] == "started"]) == 2:
+            break
+        await asyncio.sleep(0.1)
+    clients = [await http.ws_connect(p.url + "/ws") for _ in range(8)]
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "drain", "--admin", p.admin_url],
+                                  capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["draining"] is True
+    for ws in clients:
+        msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+    assert await p.wait() == 0
+    assert len([e for e in p.logs() if e["event"] == "stopped"]) == 2
