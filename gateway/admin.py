@@ -15,7 +15,7 @@ import os
 
 from aiohttp import web
 
-from . import metrics
+from . import management, metrics
 from .errors import ConfigError
 
 
@@ -41,7 +41,7 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def build(node, on_drain) -> web.Application:
+def build(node, on_drain, on_reload) -> web.Application:
     token = admin_token(node.config)
     expected = f"Bearer {token}".encode() if token else None
 
@@ -74,5 +74,7 @@ def build(node, on_drain) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/v1/drain", drain)
+    management.add_routes(app, node)
     app["node"] = node
+    app["reload"] = on_reload
     return app

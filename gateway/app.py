@@ -36,7 +36,7 @@ class Gateway:
         cfg = self.cfg
         node = self.node = Node(cfg, loop)
         await node.start_identity()
-        app = admin.build(node, self.drain_node)
+        app = admin.build(node, self.drain_node, self.reload_node)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
@@ -61,25 +61,29 @@ class Gateway:
         else:
             self.request_stop()
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
+        """Re-read the config file. Returns the problems found (nothing changes then)."""
         try:
             cfg = config_mod.load(self.cfg.source)
-        except ConfigError as exc:
-            metrics.config_reloads.labels("error").inc()
-            event(log, "reload_failed", logging.ERROR, problems=exc.problems)
-            return
-        if (cfg.listen, cfg.admin, cfg.workers) != (self.cfg.listen, self.cfg.admin, self.cfg.workers):
-            event(log, "reload_needs_restart", logging.WARNING,
-                  detail="listen, admin and workers change only on restart; the rest was applied")
-        try:
             self.node.reload(cfg)
         except ConfigError as exc:
             metrics.config_reloads.labels("error").inc()
             event(log, "reload_failed", logging.ERROR, problems=exc.problems)
-            return
+            return exc.problems
+        if (cfg.listen, cfg.admin, cfg.workers) != (self.cfg.listen, self.cfg.admin, self.cfg.workers):
+            event(log, "reload_needs_restart", logging.WARNING,
+                  detail="listen, admin and workers change only on restart; the rest was applied")
         self.cfg = cfg
         metrics.config_reloads.labels("ok").inc()
         event(log, "reloaded", config=cfg.source)
+        return []
+
+    def reload_node(self) -> list[str] | None:
+        """POST /v1/reload: every worker reloads. None when the supervisor was asked."""
+        if self.worker is not None:
+            os.kill(os.getppid(), signal.SIGHUP)
+            return None
+        return self.reload()
 
     async def stop(self) -> None:
         """Shutdown, in one place: stop accepting, close sessions paced, exit."""

@@ -99,6 +99,8 @@ class Session(asyncio.Protocol):
         "c_drop", "c_skip",
         # True from the 101 until the session is finished: the fast test in data_received
         "live",
+        # a client fault waiting for the upstream's close before the client's close goes out
+        "fault_close",
     )
 
     def __init__(self, node):
@@ -143,6 +145,7 @@ class Session(asyncio.Protocol):
         self.sink_state = None
         self.c_drop = self.c_skip = False
         self.live = False
+        self.fault_close = None
 
     # ------------------------------------------------------------ handshake
     def connection_made(self, transport) -> None:
@@ -271,11 +274,19 @@ class Session(asyncio.Protocol):
         self.node.count_violation(self, code)
         self.c_buf = b""
         self.c_need = 0
-        self.gateway_close(code, reason, at_once=True)
         # RFC 6455 7.1.7: having failed the connection, we need not wait for
         # the client's close frame; its further bytes are not to be trusted.
         self.c_close_recv = True
-        self._maybe_finish()
+        if self.up is None or self.up_gone or self.u_close_recv or self.u_close_sent:
+            self.gateway_close(code, reason, at_once=True)
+            self._maybe_finish()
+            return
+        # What the backend already answered to the client's valid messages
+        # still reaches it: close the upstream now, the client when the
+        # upstream's close comes back (as a server answering in order would).
+        self._closing_by_gateway(code, reason)
+        self.fault_close = (code, reason)
+        self._send_upstream_close(GOING_AWAY, "client error")
 
     def _check_client_frame(self, b0: int, length: int, mask) -> int:
         """Validate one client frame header; returns the opcode. Raises ProtocolViolation."""
@@ -497,6 +508,7 @@ class Session(asyncio.Protocol):
         if self.c_close_sent or self.client_gone or self.state is not State.OPEN:
             return False
         self.u_msgs += 1
+        self.u_bytes += len(frame_bytes)
         self._send_client(frame_bytes)
         return True
 
@@ -638,6 +650,10 @@ class Session(asyncio.Protocol):
 
     def _upstream_close_frame(self, parsed: tuple[int, str], raw: bytes) -> None:
         self.u_close_recv = True
+        if self.fault_close is not None:
+            self.gateway_close(*self.fault_close)
+            self.fault_close = None
+            return
         code, reason = parsed
         if self.closer is None:
             self._start_closing(code, reason, "upstream")
@@ -794,7 +810,8 @@ class Session(asyncio.Protocol):
             self.u_close_recv = True
             self.u_close_sent = True
             if not self.c_close_sent:
-                self.gateway_close(INTERNAL_ERROR, "upstream failed", at_once=True)
+                code, reason = self.fault_close or (INTERNAL_ERROR, "upstream failed")
+                self.gateway_close(code, reason, at_once=True)
         if self.client_gone:
             self._finish()
 

@@ -13,7 +13,9 @@ import time
 
 import os
 
-from . import auth, builtin, frames, http1, metrics
+from . import auth, builtin, frames, http1, httpbackend, metrics
+from .channels import Channels, RecentlyClosed
+from .dispatch import RoutePlan
 from .config import Config
 from .errors import GOING_AWAY, POLICY_VIOLATION, ConfigError, Refusal
 from .logs import event
@@ -36,10 +38,11 @@ _NOT_FORWARDED = frozenset({
 class Routing:
     """What a config compiles to. Swapped whole on reload; sessions keep theirs."""
 
-    def __init__(self, config: Config, old: "Routing | None" = None):
+    def __init__(self, config: Config, old: "Routing | None" = None, node: "Node | None" = None):
         self.config = config
         self.router = Router(config.routes)
         old_pools = old.pools if old else {}
+        old_sinks = old.sinks if old else {}
         self.pools: dict[str, BackendPool] = {}
         self.sinks: dict[str, object] = {}
         for name, spec in config.backends.items():
@@ -48,6 +51,15 @@ class Routing:
                 self.pools[name] = prior if prior is not None and prior.spec == spec else BackendPool(spec)
             elif spec.type == "builtin":
                 self.sinks[name] = builtin.HANDLERS[spec.handler]()
+            elif spec.type == "http":
+                prior = old_sinks.get(name)
+                self.sinks[name] = prior if isinstance(prior, httpbackend.HttpBackend) and prior.spec == spec \
+                    else httpbackend.HttpBackend(spec, node, node.http)
+        # What each route does with a new session: a backend (or a weighted
+        # pick), a select sink, connect/disconnect event backends.
+        self.plans = {r.name: RoutePlan(r, self.sinks) for r in config.routes}
+        jwt = config.auth.jwt
+        self.forward_claims = jwt.forward_claims if jwt is not None else ("sub",)
         self.route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in config.routes}
 
 
@@ -116,7 +128,10 @@ class Node:
         self.config = config
         self.node_id = config.resolved_node_id()
         self.limits = config.limits
-        self.routing = Routing(config)
+        self.http = httpbackend.HttpClient()   # one pooled HTTP client for all http backends
+        self.channels = Channels()
+        self.closed = RecentlyClosed()           # ids of ended sessions: the API answers 410
+        self.routing = Routing(config, node=self)
         self.identity = Identity(config)
         self.sessions: dict[str, Session] = {}
         self.by_sub: dict[str, set[Session]] = {}
@@ -140,6 +155,7 @@ class Node:
         await self.identity.start()
 
     def start(self) -> None:
+        self.http.start()
         for pool in self.routing.pools.values():
             pool.start_health(self._http_session_factory)
 
@@ -151,7 +167,7 @@ class Node:
     def reload(self, config: Config) -> None:
         old = self.routing
         identity = Identity(config)  # raises ConfigError before anything changes
-        self.routing = Routing(config, old)
+        self.routing = Routing(config, old, node=self)
         if identity.jwks is not None or self.identity.jwks is not None:
             asyncio.ensure_future(self.identity.close())
             asyncio.ensure_future(identity.start())
@@ -183,6 +199,8 @@ class Node:
             s._close_timeout()
         for pool in self.routing.pools.values():
             await pool.stop()
+        # Disconnect events of the sessions just closed may still be in flight.
+        await self.http.close(timeout=max(1.0, deadline - self.loop.time()))
         await self.identity.close()
 
     # ------------------------------------------------------------ admission
@@ -203,9 +221,16 @@ class Node:
             self.per_ip[s.ip] = left
         else:
             self.per_ip.pop(s.ip, None)
+        link = s.sink_state
+        if link is not None and link.connected and link.events is not None and link.events.disconnect is not None:
+            # Once for every session that opened (or whose connect event was
+            # accepted), whatever ended it.
+            link.events.disconnect.disconnect(s)
         if not was_open:
             return
         self.sessions.pop(s.id, None)
+        self.closed.add(s.id, s.close_code, s.close_reason)
+        self.channels.drop(s)
         if s.sub is not None:
             peers = self.by_sub.get(s.sub)
             if peers is not None:
@@ -265,14 +290,37 @@ class Node:
         client_offer = auth.parse_subprotocols(h.get("sec-websocket-protocol"))
         token, offered = identity.token(head, client_offer)
         route, claims = await self._pick_route(candidates, token)
-        backend = routing.config.backends[route.backend_name]
         s.route = route
         s.claims = claims
         if claims is not None and isinstance(claims.get("sub"), str):
             s.sub = claims["sub"]
-        if backend.type == "builtin":
-            s.sink = routing.sinks[backend.name]
-            self._go_live(s, routing, route, frames.accept_key(key), None, None, None)
+        plan = routing.plans[route.name]
+        name = plan.pick()   # sticky for the session's life; None: routed by content (select)
+        backend = routing.config.backends[name] if name is not None else None
+        link = None   # what http backends keep per session; made lazily unless needed now
+        hash_on = backend.hash_on if backend is not None and backend.type == "http" else None
+        if plan.connect is not None or plan.disconnect is not None or hash_on is not None:
+            link = httpbackend.link(s, routing.forward_claims, _hash_key(hash_on, head, s, claims), plan)
+        greeting = b""
+        welcome = None
+        if plan.connect is not None:
+            welcome = await plan.connect.connect(s, link, _client_headers(head, s, identity, token),
+                                                 _client_target(head, identity.query_params))
+            if s.client_gone:
+                if plan.disconnect is not None:
+                    plan.disconnect.disconnect(s)
+                return
+            if welcome.status == 200 and welcome.body:
+                # The first message rides with the 101: nothing can come before it.
+                greeting = frames.frame(httpbackend.reply_opcode(welcome.content_type, welcome.body), welcome.body)
+                s.u_msgs += 1
+        elif link is not None:
+            link.connected = True
+        if backend is None or backend.type != "websocket":
+            s.sink = plan.actions if backend is None else routing.sinks[backend.name]
+            self._go_live(s, routing, route, frames.accept_key(key), None, None, None, greeting)
+            if welcome is not None:
+                plan.connect.apply_channels(s, welcome)
             return
         pool = routing.pools[backend.name]
         forwarded, deflate_offer = _upstream_headers(head, s, route.name, identity, token, claims)
@@ -315,7 +363,10 @@ class Node:
             # The client offered only `bearer.<token>`: browsers fail a handshake
             # whose answer names none of the offered protocols, so echo its own.
             protocol = client_offer[0]
-        self._go_live(s, routing, route, frames.accept_key(key), protocol, extensions, (transport, leftover))
+        self._go_live(s, routing, route, frames.accept_key(key), protocol, extensions, (transport, leftover),
+                      greeting)
+        if welcome is not None:
+            plan.connect.apply_channels(s, welcome)
 
     async def _pick_route(self, candidates, token: str | None):
         """The first candidate whose auth and claims hold. Returns (route, claims)."""
@@ -337,7 +388,8 @@ class Node:
         metrics.upstream_failures.labels(pool.name, ep.url).inc()
         event(log, "upstream_connect_failed", logging.WARNING, backend=pool.name, endpoint=ep.url)
 
-    def _go_live(self, s: Session, routing: Routing, route, accept: str, protocol, extensions, upstream) -> None:
+    def _go_live(self, s: Session, routing: Routing, route, accept: str, protocol, extensions, upstream,
+                 greeting: bytes = b"") -> None:
         rm = routing.route_metrics[route.name]
         s.route_metrics = rm
         self.sessions[s.id] = s
@@ -345,7 +397,7 @@ class Node:
         rm.open.inc()
         event(log, "connect", conn=s.id, route=route.name, ip=s.ip,
               endpoint=s.endpoint.url if s.endpoint is not None else None)
-        response = http1.switching_protocols(accept, protocol, extensions)
+        response = http1.switching_protocols(accept, protocol, extensions) + greeting
         if s.sub is not None:
             self.by_sub.setdefault(s.sub, set()).add(s)
         lim = self.limits
@@ -381,22 +433,41 @@ def _check_upgrade(head: http1.RequestHead) -> str:
     return key
 
 
-def _upstream_headers(head: http1.RequestHead, s: Session, route: str, identity: Identity, token: str | None,
-                      claims: dict | None) -> tuple[list[tuple[str, str]], str]:
-    """Client headers to pass on, with the gateway's own. Returns (headers, deflate offer)."""
-    # A credential the gateway consumed does not travel on.
+def _client_target(head: http1.RequestHead, drop_params: tuple[str, ...]) -> str:
+    """The client's path and query, without credentials the gateway consumed."""
+    if not head.query_string:
+        return head.path
+    from urllib.parse import parse_qsl, urlencode
+
+    query = urlencode([(k, v) for k, v in parse_qsl(head.query_string, keep_blank_values=True)
+                       if k not in drop_params])
+    return f"{head.path}?{query}" if query else head.path
+
+
+def _client_headers(head: http1.RequestHead, s: Session, identity: Identity,
+                    token: str | None) -> list[tuple[str, str]]:
+    """The client's handshake headers as they travel on: no hop-by-hop or
+    handshake headers, never the client's own Gateway-*, no credential the
+    gateway consumed; X-Forwarded-For appended."""
     drop_auth = token is not None and identity.jwt is not None and "header" in identity.jwt.sources
     out = [(name, value) for name, value in head.raw_headers
            if (low := name.lower()) not in _NOT_FORWARDED and not low.startswith("gateway-")
            and not (drop_auth and low == "authorization")]
+    xff = head.headers.get("x-forwarded-for")
+    out.append(("X-Forwarded-For", f"{xff}, {s.ip}" if xff else s.ip))
+    return out
+
+
+def _upstream_headers(head: http1.RequestHead, s: Session, route: str, identity: Identity, token: str | None,
+                      claims: dict | None) -> tuple[list[tuple[str, str]], str]:
+    """Client headers to pass on, with the gateway's own. Returns (headers, deflate offer)."""
+    out = _client_headers(head, s, identity, token)
     h = head.headers
-    xff = h.get("x-forwarded-for")
     out += [
         ("Gateway-Connection-Id", s.id),
         ("Gateway-Session-Id", s.id),
         ("Gateway-Route", route),
         ("Gateway-Client-IP", s.ip),
-        ("X-Forwarded-For", f"{xff}, {s.ip}" if xff else s.ip),
         ("X-Forwarded-Proto", "http"),
     ]
     if "host" in h:
