@@ -136,7 +136,7 @@ class F:
             data = bytes([data[0] | self.rsv]) + data[1:]
         return data
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         if self.op == OP_CLOSE:
             conn.sent_close = True
         data = self.build()
@@ -152,7 +152,7 @@ class Raw:
 
     data: bytes
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         conn.write(self.data)
 
 
@@ -163,7 +163,7 @@ class _RawChopped:
     data: bytes
     cuts: tuple
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         await conn.write_chopped(self.data, self.cuts)
 
 
@@ -171,7 +171,7 @@ class _RawChopped:
 class Pause:
     """Flush what was written so the server reads it apart from what follows."""
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         await conn.flush()
 
 
@@ -181,7 +181,7 @@ class Wait:
 
     n: int
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         await conn.flush()
         await conn.wait_for(lambda: len(conn.events) >= self.n or conn.got_close)
 
@@ -193,7 +193,7 @@ class Hold:
 
     n: int
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         await conn.flush()
         await conn.wait_for(lambda: conn.rx_bytes >= self.n or conn.got_close)
         sock = conn.c.writer.get_extra_info("socket")
@@ -205,7 +205,7 @@ class Hold:
 class Release:
     """Read again (after a Hold)."""
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         await conn.flush()
         conn.released.set()
 
@@ -219,7 +219,7 @@ class Z:
     frag: int = 0
     rsv_on_cont: bool = False
 
-    async def run(self, conn: "Conn") -> None:
+    async def run(self, conn: Conn) -> None:
         data = conn.compress(self.payload)
         if not self.frag or len(data) <= self.frag:
             conn.write(F(self.op, data, rsv=RSV1).build())
@@ -285,7 +285,7 @@ class Conn:
     async def write_chopped(self, data: bytes, chop: int | tuple) -> None:
         cuts = list(chop) if isinstance(chop, tuple) else list(range(chop, len(data), chop))
         bounds = [0] + [c for c in cuts if 0 < c < len(data)] + [len(data)]
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if self.got_close:
                 return
             self.write(data[a:b])
@@ -416,7 +416,7 @@ class Conn:
             self.changed.set()
 
 
-async def run_case(url: str, case: "Case") -> tuple[tuple, str | None]:
+async def run_case(url: str, case: Case) -> tuple[tuple, str | None]:
     """Play `case` against `url`; returns (outcome, negotiated extension header)."""
     headers = {"Sec-WebSocket-Extensions": case.offer} if case.offer else None
     async with asyncio.timeout(WAIT_S):
