@@ -22,6 +22,15 @@ def free_port() -> int:
     return port
 
 
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Start `app` on 127.0.0.1 (a free port unless given); returns (runner, port)."""
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 class WsBackend:
     """A real aiohttp WebSocket server. Records each handshake's headers and
     every message it receives; echoes by default, or runs `handler(ws, request)`."""
@@ -49,11 +58,7 @@ class WsBackend:
         app = web.Application()
         app.router.add_get("/healthz", self._health)
         app.router.add_route("GET", "/{tail:.*}", self._ws)
-        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.runner, self.port = await serve(app, port)
 
     async def stop(self) -> None:
         if self.runner is not None:

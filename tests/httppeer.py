@@ -6,6 +6,8 @@ import asyncio
 
 from aiohttp import web
 
+from .helpers import serve
+
 
 class Recorded:
     __slots__ = ("method", "path", "headers", "body")
@@ -41,11 +43,7 @@ class HttpPeer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.runner, self.port = await serve(app)
 
     async def stop(self) -> None:
         if self.runner is not None:
