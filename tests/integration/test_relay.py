@@ -234,3 +234,44 @@ async def test_backend_http_refusal_status_passes_through(gateway, backend, http
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         await http.ws_connect(gw.url + "/ws")
     assert exc.value.status == 403
+
+
+async def test_gateway_pings_the_upstream_and_a_silent_upstream_fails_1011(gateway, backend, http):
+    pings = []
+
+    async def counting(ws, request):
+        # autoping off: the handler sees the gateway's keepalive pings, answers the first few, then goes silent.
+        async for msg in ws:
+            if msg.type == WSMsgType.PING:
+                pings.append(msg.data)
+                if len(pings) <= 2:
+                    await ws.pong(msg.data)
+                else:
+                    request.transport.pause_reading()
+                    await asyncio.sleep(5)
+
+    async def handler(ws, request):
+        ws._autoping = False
+        await counting(ws, request)
+
+    b = await backend(handler=handler)
+    gw = await gateway(proxy_config(b.url, limits={"ping_interval_s": 0.2}))
+    async with http.ws_connect(gw.url + "/ws", autoping=True) as ws:
+        msg = await ws.receive(timeout=10)   # client pings are answered by aiohttp while we wait
+        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1011)
+    assert len(pings) >= 3
+
+
+async def test_gateway_pings_the_client_and_drops_a_dead_one(gateway, backend):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url, limits={"ping_interval_s": 0.2}))
+    c = await RawClient.connect(gw.url + "/ws")
+    op, _, _ = await c.recv_frame()
+    assert op == frames.OP_PING                 # the gateway's keepalive
+    # ...and a client that never answers anything is cut, the backend told 1001.
+    assert await c.eof(timeout=5)
+    for _ in range(100):
+        if b.closes:
+            break
+        await asyncio.sleep(0.02)
+    assert b.closes == [1001]
