@@ -390,6 +390,11 @@ class Node:
 
     def _go_live(self, s: Session, routing: Routing, route, accept: str, protocol, extensions, upstream,
                  greeting: bytes = b"") -> None:
+        if s.client_gone:
+            # The client left while we authorised or dialled: nothing to go live for.
+            if upstream is not None:
+                upstream[0].abort()
+            return
         rm = routing.route_metrics[route.name]
         s.route_metrics = rm
         self.sessions[s.id] = s

@@ -331,3 +331,49 @@ async def test_missing_secret_env_is_a_startup_error(tmp_path, monkeypatch):
                          text=True, timeout=30)
     assert res.returncode == 2
     assert "environment variable TEST_JWT_SECRET is not set" in res.stderr
+
+
+async def test_client_leaving_during_a_slow_jwks_fetch_leaves_nothing_behind(gateway, backend):
+    gate = asyncio.Event()
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
+    jwk.update(kid="k1", alg="RS256", use="sig")
+    jwk2 = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(OTHER_KEY.public_key()))
+    jwk2.update(kid="k2", alg="RS256", use="sig")
+    calls = []
+
+    async def slow_jwks(request):
+        calls.append(1)
+        if len(calls) == 1:
+            return web.json_response({"keys": [jwk]})
+        await gate.wait()   # the refresh for the rotated key hangs until the client is gone
+        return web.json_response({"keys": [jwk, jwk2]})
+
+    app = web.Application()
+    app.router.add_get("/jwks", slow_jwks)
+    from ..helpers import serve
+
+    runner, port = await serve(app)
+    try:
+        cfg = config("ws://127.0.0.1:9/ws", {"algorithms": ["RS256"], "keys": {"jwks_url": f"http://127.0.0.1:{port}/jwks"}},
+                     routes=[{"name": "r", "match": {"path": "/ws"}, "backend": "e"}])
+        cfg["backends"] = {"e": {"type": "builtin", "handler": "echo"}}
+        gw = await gateway(cfg)
+        gw.node.identity.jwks.min_refresh_interval_s = 0   # refresh now, not a minute after start
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.ports[0])
+        token = rs(key=OTHER_KEY, kid="k2")   # a rotated key: valid once the (hanging) refresh returns
+        writer.write((f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      f"Authorization: Bearer {token}\r\n\r\n").encode())
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.transport.abort()
+        for _ in range(100):
+            if gw.node.sockets == 0:
+                break
+            await asyncio.sleep(0.02)
+        gate.set()
+        await asyncio.sleep(0.3)
+        assert gw.node.sockets == 0 and gw.node.sessions == {}
+    finally:
+        gate.set()
+        await runner.cleanup()
