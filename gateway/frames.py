@@ -162,6 +162,22 @@ class Utf8Check:
             return False
 
 
+def mask_in_place(mask: bytes, buf: bytearray) -> None:
+    """XOR `buf` with `mask` in place (aiohttp's C helper when it is there)."""
+    if _c_mask is not None:
+        _c_mask(mask, buf)
+    else:  # pragma: no cover - depends on the aiohttp build
+        buf[:] = unmask(bytes(buf), mask)
+
+
+def utf8_ok(buf) -> bool:
+    try:
+        buf.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def text_is_valid(data: bytes) -> bool:
     if data.isascii():
         return True
