@@ -75,6 +75,5 @@ def build(node, on_drain, on_reload) -> web.Application:
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/v1/drain", drain)
     management.add_routes(app, node)
-    app["node"] = node
-    app["reload"] = on_reload
+    app[management.RELOAD] = on_reload
     return app

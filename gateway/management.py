@@ -42,6 +42,10 @@ class ApiError(Exception):
         self.extra = extra
 
 
+# What POST /v1/reload calls (set by admin.build): returns the problems found,
+# [] when applied, None when the supervisor was asked to reload every worker.
+RELOAD: web.AppKey = web.AppKey("reload")
+
 def error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -209,7 +213,7 @@ def add_routes(app: web.Application, node) -> None:
         return web.json_response({"nodes": [node_record(node)]})
 
     async def reload(request):
-        problems = request.app["reload"]()
+        problems = request.app[RELOAD]()
         if problems is None:  # several workers: the supervisor forwards SIGHUP to each
             return web.json_response({"reloading": True, "workers": "all"}, status=202)
         if problems:
