@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 
@@ -46,6 +47,28 @@ class _Null:
 
 
 _NULL = _Null()
+
+
+_oswrite = os.write
+
+
+def _fileno(transport) -> int:
+    """The socket's fd for direct writes, or -1 (TLS, or no socket to be had).
+
+    uvloop queues every transport.write and flushes at the end of the loop
+    iteration. When nothing is queued, writing the frame to the socket
+    ourselves is the same syscall with less around it; whatever the kernel
+    does not take then goes through the transport, which from there on owns
+    the ordering. Only while the transport is not closing: until then its fd
+    cannot have been closed or reused.
+    """
+    if type(transport).__name__ != "TCPTransport":  # uvloop's plain TCP transport only, never TLS
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (OSError, AttributeError):
+        return -1
 
 
 def new_id() -> str:
@@ -128,6 +151,8 @@ class Session(asyncio.Protocol):
         "live",
         # a client fault waiting for the upstream's close before the client's close goes out
         "fault_close",
+        # socket fds for direct writes, -1 when not in use
+        "c_fd", "u_fd",
     )
 
     def __init__(self, node):
@@ -172,6 +197,7 @@ class Session(asyncio.Protocol):
         self.sink_state = None
         self.c_drop = self.c_skip = False
         self.live = False
+        self.c_fd = self.u_fd = -1
         self.fault_close = None
 
     # ------------------------------------------------------------ handshake
@@ -283,6 +309,8 @@ class Session(asyncio.Protocol):
             self.up_gone = False
             self.transport.set_protocol(ClientSide(self))
             up_transport.set_protocol(UpstreamSide(self))
+            self.c_fd = _fileno(self.transport)
+            self.u_fd = _fileno(up_transport)
             up_transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
             if up_leftover:
                 self.from_upstream(up_leftover)
@@ -486,7 +514,19 @@ class Session(asyncio.Protocol):
                 break
             pos = end
         if pos > start:
-            up.write(data[start:pos] if start or pos < n else data)
+            chunk = data[start:pos] if start or pos < n else data
+            if self.u_fd >= 0 and not up.get_write_buffer_size() and not up.is_closing():
+                # Nothing queued: straight to the socket (see _direct_write).
+                try:
+                    k = _oswrite(self.u_fd, chunk)
+                except (BlockingIOError, InterruptedError):
+                    k = 0
+                except OSError:
+                    k = 0  # the transport meets the same error and reports it
+                if k < len(chunk):
+                    up.write(chunk[k:])
+            else:
+                up.write(chunk)
 
     def from_client_messages(self, data: bytes) -> None:
         """Client frames for a backend inside the gateway: whole messages, unmasked."""
@@ -689,7 +729,18 @@ class Session(asyncio.Protocol):
                 break
             pos = end
         if pos > start and not drop:
-            out.write(data[start:pos] if start or pos < n else data)
+            chunk = data[start:pos] if start or pos < n else data
+            if self.c_fd >= 0 and not out.get_write_buffer_size() and not out.is_closing():
+                try:
+                    k = _oswrite(self.c_fd, chunk)
+                except (BlockingIOError, InterruptedError):
+                    k = 0
+                except OSError:
+                    k = 0
+                if k < len(chunk):
+                    out.write(chunk[k:])
+            else:
+                out.write(chunk)
 
     # ------------------------------------------------------------ closing
     def _start_closing(self, code: int, reason: str, closer: str) -> None:
@@ -857,6 +908,7 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.client_gone = True
+        self.c_fd = -1
         if self.state is State.HANDSHAKE or self.state is State.CONNECTING or self.state is State.REFUSED:
             # Gone before the upgrade (or refused). The connect task notices.
             if self.timer is not None:
@@ -876,6 +928,7 @@ class Session(asyncio.Protocol):
 
     def upstream_lost(self) -> None:
         self.up_gone = True
+        self.u_fd = -1
         if not self.u_close_recv:
             self.u_close_recv = True
             self.u_close_sent = True
