@@ -1,8 +1,9 @@
 """The per-message path: one client socket, one upstream socket, frames between.
 
-`Session` is the asyncio protocol of the client socket; `UpstreamSide` is the
-protocol of the upstream socket and hands its bytes to the session. No task
-per direction, no message objects: data_received parses frame headers,
+`Session` is the asyncio protocol of the client socket through the handshake;
+once relaying, each socket gets a `Side` whose data_received is the session's
+relay function for that direction. No task per direction, no message
+objects: the relay functions parse frame headers,
 forwards contiguous runs of frames with one write, and steps in only where
 the gateway must:
 
@@ -75,54 +76,33 @@ def new_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-class UpstreamSide(asyncio.Protocol):
-    """Protocol of the upstream socket once the upgrade is done.
+class Side(asyncio.Protocol):
+    """The protocol of one of a session's sockets while relaying.
 
-    `data_received` is an instance slot bound to Session.from_upstream: the
-    event loop looks it up once (uvloop caches it at set_protocol), so each
-    read costs one Python call, not two.
+    `data_received` is an instance slot bound to the session's relay function
+    for that direction: the event loop looks it up once (uvloop caches it at
+    set_protocol), so each read costs one Python call, not two.
     """
 
-    __slots__ = ("s", "data_received")
+    __slots__ = ("s", "data_received", "lost", "client_side")
 
-    def __init__(self, session: "Session"):
+    def __init__(self, session: "Session", data_received, lost, client_side: bool):
         self.s = session
-        self.data_received = session.from_upstream
+        self.data_received = data_received
+        self.lost = lost
+        self.client_side = client_side
 
     def eof_received(self):
         return False
 
     def connection_lost(self, exc) -> None:
-        self.s.upstream_lost()
+        self.lost()
 
     def pause_writing(self) -> None:
-        self.s.stalled(client_side=False)
+        self.s.stalled(self.client_side)
 
     def resume_writing(self) -> None:
-        self.s.unstalled(client_side=False)
-
-
-class ClientSide(asyncio.Protocol):
-    """Protocol of the client socket while relaying to a websocket upstream;
-    like UpstreamSide, its data_received is the relay function itself."""
-
-    __slots__ = ("s", "data_received")
-
-    def __init__(self, session: "Session"):
-        self.s = session
-        self.data_received = session.from_client_relay
-
-    def eof_received(self):
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.s.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.s.stalled(client_side=True)
-
-    def resume_writing(self) -> None:
-        self.s.unstalled(client_side=True)
+        self.s.unstalled(self.client_side)
 
 
 class Session(asyncio.Protocol):
@@ -307,8 +287,8 @@ class Session(asyncio.Protocol):
         if up_transport is not None:
             self.up = up_transport
             self.up_gone = False
-            self.transport.set_protocol(ClientSide(self))
-            up_transport.set_protocol(UpstreamSide(self))
+            self.transport.set_protocol(Side(self, self.from_client_relay, self.client_lost, True))
+            up_transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
             self.c_fd = _fileno(self.transport)
             self.u_fd = _fileno(up_transport)
             up_transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
@@ -516,7 +496,7 @@ class Session(asyncio.Protocol):
         if pos > start:
             chunk = data[start:pos] if start or pos < n else data
             if self.u_fd >= 0 and not up.get_write_buffer_size() and not up.is_closing():
-                # Nothing queued: straight to the socket (see _direct_write).
+                # Nothing queued: straight to the socket (see _fileno).
                 try:
                     k = _oswrite(self.u_fd, chunk)
                 except (BlockingIOError, InterruptedError):
@@ -905,6 +885,9 @@ class Session(asyncio.Protocol):
 
     def eof_received(self):
         return False
+
+    def client_lost(self) -> None:
+        self.connection_lost(None)
 
     def connection_lost(self, exc) -> None:
         self.client_gone = True
