@@ -72,6 +72,19 @@ def _fileno(transport) -> int:
         return -1
 
 
+def _write(transport, fd: int, chunk: bytes) -> None:
+    """transport.write, or straight to the socket when nothing is queued (see _fileno)."""
+    if fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
+        try:
+            k = _oswrite(fd, chunk)
+        except OSError:
+            k = 0  # EAGAIN: the transport queues it; anything worse, it meets and reports
+        if k < len(chunk):
+            transport.write(chunk[k:])
+    else:
+        transport.write(chunk)
+
+
 def new_id() -> str:
     return secrets.token_urlsafe(12)
 
@@ -494,19 +507,7 @@ class Session(asyncio.Protocol):
                 break
             pos = end
         if pos > start:
-            chunk = data[start:pos] if start or pos < n else data
-            if self.u_fd >= 0 and not up.get_write_buffer_size() and not up.is_closing():
-                # Nothing queued: straight to the socket (see _fileno).
-                try:
-                    k = _oswrite(self.u_fd, chunk)
-                except (BlockingIOError, InterruptedError):
-                    k = 0
-                except OSError:
-                    k = 0  # the transport meets the same error and reports it
-                if k < len(chunk):
-                    up.write(chunk[k:])
-            else:
-                up.write(chunk)
+            _write(up, self.u_fd, data[start:pos] if start or pos < n else data)
 
     def from_client_messages(self, data: bytes) -> None:
         """Client frames for a backend inside the gateway: whole messages, unmasked."""
@@ -574,12 +575,7 @@ class Session(asyncio.Protocol):
 
     def send_message(self, opcode: int, payload: bytes) -> bool:
         """Send one whole message to the client (sinks, management API)."""
-        if self.c_close_sent or self.client_gone or self.state is not State.OPEN:
-            return False
-        self.u_msgs += 1
-        self.u_bytes += len(payload)
-        self._send_client(frames.frame(opcode, payload))
-        return True
+        return self.send_raw(frames.frame(opcode, payload))
 
     def send_raw(self, frame_bytes: bytes) -> bool:
         """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
@@ -709,18 +705,7 @@ class Session(asyncio.Protocol):
                 break
             pos = end
         if pos > start and not drop:
-            chunk = data[start:pos] if start or pos < n else data
-            if self.c_fd >= 0 and not out.get_write_buffer_size() and not out.is_closing():
-                try:
-                    k = _oswrite(self.c_fd, chunk)
-                except (BlockingIOError, InterruptedError):
-                    k = 0
-                except OSError:
-                    k = 0
-                if k < len(chunk):
-                    out.write(chunk[k:])
-            else:
-                out.write(chunk)
+            _write(out, self.c_fd, data[start:pos] if start or pos < n else data)
 
     # ------------------------------------------------------------ closing
     def _start_closing(self, code: int, reason: str, closer: str) -> None:

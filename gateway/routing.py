@@ -117,12 +117,17 @@ def upstream_target(endpoint_path: str, endpoint_query: str, route: CompiledRout
         rest = route.path_remainder(client_path)
         if rest:
             base = base.rstrip("/") + (rest if rest.startswith("/") else "/" + rest)
-        if client_query:
-            pairs = [(k, v) for k, v in parse_qsl(client_query, keep_blank_values=True) if k not in drop_params]
-            extra = urlencode(pairs)
-            if extra:
-                query = f"{query}&{extra}" if query else extra
+        extra = strip_query(client_query, drop_params)
+        if extra:
+            query = f"{query}&{extra}" if query else extra
     return f"{base}?{query}" if query else base
+
+
+def strip_query(query: str, drop_params: tuple[str, ...]) -> str:
+    """`query` without the parameters the gateway consumed (credentials)."""
+    if not query or not drop_params:
+        return query
+    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in drop_params])
 
 
 def compile_select(select: str) -> tuple[str, ...]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-
 import os
+import time
 
 from . import auth, builtin, frames, http1, httpbackend, metrics
 from .channels import Channels, RecentlyClosed
@@ -20,7 +19,7 @@ from .config import Config
 from .errors import GOING_AWAY, POLICY_VIOLATION, ConfigError, Refusal
 from .logs import event
 from .relay import Session
-from .routing import Router, upstream_target
+from .routing import Router, strip_query, upstream_target
 from .upstream import BackendPool, UpstreamRefused, dial
 
 log = logging.getLogger("gateway.node")
@@ -440,12 +439,7 @@ def _check_upgrade(head: http1.RequestHead) -> str:
 
 def _client_target(head: http1.RequestHead, drop_params: tuple[str, ...]) -> str:
     """The client's path and query, without credentials the gateway consumed."""
-    if not head.query_string:
-        return head.path
-    from urllib.parse import parse_qsl, urlencode
-
-    query = urlencode([(k, v) for k, v in parse_qsl(head.query_string, keep_blank_values=True)
-                       if k not in drop_params])
+    query = strip_query(head.query_string, drop_params)
     return f"{head.path}?{query}" if query else head.path
 
 
