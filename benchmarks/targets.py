@@ -278,6 +278,9 @@ class Gateway(Target):
     name = "gateway"
     ready_timeout = 30.0
 
+    # Extra keys for the ``limits`` mapping (the rate-limited target sets a token bucket).
+    extra_limits = ""
+
     def __init__(self, *args, admin_port: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.admin_port = admin_port
@@ -296,7 +299,7 @@ class Gateway(Target):
 listen: {{host: {HOST}, port: {self.port}}}
 admin: {{host: {HOST}, port: {self.admin_port}}}
 workers: {self.workers}
-limits: {{max_connections: 60000, max_connections_per_ip: 60000, idle_timeout_s: 3600}}
+limits: {{max_connections: 60000, max_connections_per_ip: 60000, idle_timeout_s: 3600{self.extra_limits}}}
 backends:
   bench: {{type: websocket, endpoints: [{endpoints}]}}
 routes:
@@ -316,6 +319,14 @@ routes:
             return False
 
 
+class RateLimitedGateway(Gateway):
+    """The gateway with a per-connection token bucket so large it never drops a message:
+    what the rate-limit check itself costs per message."""
+
+    name = "gateway-ratelimited"
+    extra_limits = ", messages_per_second: 100000, burst: 100000"
+
+
 def make_targets(names: list[str], backend_ports: list[int], core: str | None,
                  workers: int | None = None, base: int = 18000) -> list[Target]:
     """Build targets by name, listening on ``base`` + 2, 3, 4, 80 (admin ``base`` + 1090);
@@ -327,6 +338,8 @@ def make_targets(names: list[str], backend_ports: list[int], core: str | None,
         "haproxy": lambda: HAProxy(base + 3, backend_ports, core),
         "naive": lambda: Naive(base + 4, backend_ports, core),
         "gateway": lambda: Gateway(base + 80, backend_ports, core, workers=w, admin_port=base + 1090),
+        "gateway-ratelimited": lambda: RateLimitedGateway(base + 80, backend_ports, core, workers=w,
+                                                          admin_port=base + 1090),
         # Two workers are not pinned: pinned to one core they could not scale.
         "gateway-2w": lambda: Gateway(base + 80, backend_ports, None, workers=2, admin_port=base + 1090),
     }
@@ -336,4 +349,4 @@ def make_targets(names: list[str], backend_ports: list[int], core: str | None,
     return [factories[n]() for n in names]
 
 
-TARGET_NAMES = ["direct", "nginx", "haproxy", "naive", "gateway", "gateway-2w"]
+TARGET_NAMES = ["direct", "nginx", "haproxy", "naive", "gateway", "gateway-ratelimited", "gateway-2w"]
