@@ -32,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from .errors import AuthError, UnknownKid
+
 __all__ = [
     "CLAIM_HEADER_PREFIX",
     "HMAC_ALGORITHMS",
@@ -63,25 +65,7 @@ __all__ = [
 # Errors
 
 
-class AuthError(Exception):
-    """A refused credential. `reason` is a fixed, safe phrase; `status` 401/403."""
-
-    def __init__(self, reason: str, status: int = 401):
-        self.reason = reason
-        self.status = status
-        super().__init__(f"{status} {reason}")
-
-
-class UnknownKid(AuthError):
-    """The token names a key id we do not hold (yet).
-
-    A distinct type so the async caller can refresh the JWKS once and retry.
-    `kid` is attacker-controlled: use it for the lookup, never echo it.
-    """
-
-    def __init__(self, kid: str | None):
-        self.kid = kid
-        super().__init__("unknown key", 401)
+# AuthError and UnknownKid live in errors.py with every other exception.
 
 
 # Every phrase `Verifier.verify` can produce ("missing claim <name>" is a

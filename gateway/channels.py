@@ -17,16 +17,13 @@ import time
 from collections import OrderedDict
 
 from . import frames
+from .errors import ChannelError
 
 # Letters, digits and _ - . : @ ; at most 128 characters. No '/' (channel names
 # are path segments in the management API), no spaces, no commas (the
 # Gateway-Subscribe header is a comma-separated list).
 CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.:@\-]{1,128}")
 MAX_CHANNELS_PER_SESSION = 256
-
-
-class ChannelError(ValueError):
-    """A bad channel name or too many channels: the text is safe to show."""
 
 
 def check_name(name: str) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError
+from .paths import path_has_prefix
 
 # ---------------------------------------------------------------- dataclasses
 
@@ -62,9 +63,34 @@ class Drain:
 
 
 @dataclass(**_frozen)
+class Sentinel:
+    master: str
+    addresses: tuple[tuple[str, int], ...]
+
+
+@dataclass(**_frozen)
 class Redis:
-    url: str
-    on_outage: str = "serve"
+    url: str | None = None             # redis://host:port/db (or rediss://); or sentinel
+    sentinel: Sentinel | None = None
+    key_prefix: str = "gw:"
+    on_outage: str = "serve"           # serve | reject_new
+    heartbeat_s: float = 5
+    node_ttl_s: float = 15
+    session_ttl_s: float = 300         # refreshed in batches every session_ttl_s / 3
+    timeout_s: float = 1               # per Redis call; a down Redis fails fast
+    request_timeout_s: float = 2       # how long a node waits for others' answers (API calls)
+
+
+@dataclass(**_frozen)
+class History:
+    size: int = 100
+    ttl_s: float = 300
+
+
+@dataclass(**_frozen)
+class ChannelRule:
+    match: str                         # a channel name, or a pattern with * (fnmatch)
+    history: History | None = None
 
 
 @dataclass(**_frozen)
@@ -160,6 +186,7 @@ class Config:
     node_id: str = "auto"
     workers: int = 1
     redis: Redis | None = None
+    channels: tuple[ChannelRule, ...] = ()
     auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)
@@ -175,7 +202,6 @@ class Config:
 # Keys a later release implements. They parse, but a config that uses them is
 # refused, so nobody believes a feature is on when it is not.
 NOT_SUPPORTED_YET: dict[str, str] = {
-    "redis": "the Redis store (multi-node) is not supported yet; remove 'redis' to run one node in memory",
     "drain.resume_window_s": "session resume is not supported yet",
     "backends.*.on_upstream_close=reattach": "reattaching sessions to another endpoint is not supported yet; use 'close'",
 }
@@ -364,8 +390,8 @@ def parse(text: str, source: str = "routes.yaml") -> Config:
     doc = _Doc(source)
     raw = _compose(text, doc)
     r = _Reader(doc)
-    top = r.mapping(raw, (), ("listen", "admin", "node_id", "workers", "redis", "auth",
-                              "limits", "drain", "backends", "routes"))
+    top = r.mapping(raw, (), ("listen", "admin", "node_id", "workers", "redis", "channels",
+                              "auth", "limits", "drain", "backends", "routes"))
     if top is None:
         doc.raise_if_any()
     cfg = _build(top, r, doc, source)
@@ -382,7 +408,8 @@ def _build(top: dict, r: _Reader, doc: _Doc, source: str) -> Config:
     _check_port(doc, ("admin", "port"), admin.port)
     node_id = r.get(top, (), "node_id", "str", "auto")
     workers = _workers(r, doc, top)
-    redis = _redis(r, doc, top.get("redis")) if "redis" in top else None
+    redis = _redis(r, doc, top.get("redis")) if top.get("redis") is not None else None
+    channels = _channels(r, doc, top.get("channels"))
     limits = _limits(r, top.get("limits"))
     drain = _drain(r, doc, top.get("drain"))
     auth = _auth(r, doc, top.get("auth"))
@@ -391,7 +418,7 @@ def _build(top: dict, r: _Reader, doc: _Doc, source: str) -> Config:
     if listen.port == admin.port and listen.port != 0:
         doc.error(("admin", "port"), f"is the same as listen.port ({listen.port})")
     return Config(source=source, listen=listen, admin=admin, node_id=node_id, workers=workers,
-                  redis=redis, auth=auth, limits=limits, drain=drain, backends=backends, routes=routes)
+                  redis=redis, channels=channels, auth=auth, limits=limits, drain=drain, backends=backends, routes=routes)
 
 
 def _listen(r: _Reader, value: Any, path: Path) -> Listen:
@@ -418,13 +445,76 @@ def _workers(r: _Reader, doc: _Doc, top: dict) -> int:
 
 def _redis(r: _Reader, doc: _Doc, value: Any) -> Redis | None:
     path = ("redis",)
-    m = r.mapping(value, path, ("url", "on_outage"))
+    m = r.mapping(value, path, ("url", "sentinel", "key_prefix", "on_outage", "heartbeat_s", "node_ttl_s",
+                                "session_ttl_s", "timeout_s", "request_timeout_s"))
     if m is None:
         return None
-    out = Redis(url=r.get(m, path, "url", "str", "redis://127.0.0.1:6379/0"),
-                on_outage=r.get(m, path, "on_outage", "str", "serve", choices=("serve", "reject_new")))
-    doc.error(path, NOT_SUPPORTED_YET["redis"], key=True)
+    url = r.get(m, path, "url", "str", None)
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        doc.error(path + ("url",), f"has value {url!r}; expected redis://host:port/db, rediss:// or unix://")
+    sentinel = None
+    if m.get("sentinel") is not None:
+        sp = path + ("sentinel",)
+        sm = r.mapping(m["sentinel"], sp, ("master", "addresses")) or {}
+        master = r.get(sm, sp, "master", "str")
+        addresses = []
+        for i, a in enumerate(r.get(sm, sp, "addresses", "strlist") or ()):
+            host, _, port = a.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                doc.error(sp + ("addresses", i), f"has value {a!r}; expected host:port")
+                continue
+            addresses.append((host.strip("[]"), int(port)))
+        if master is not None and not addresses and "addresses" in sm:
+            doc.error(sp + ("addresses",), "needs at least one sentinel host:port")
+        if master is not None and addresses:
+            sentinel = Sentinel(master=master, addresses=tuple(addresses))
+    if (url is None) == (m.get("sentinel") is None):
+        doc.error(path, "set exactly one of url, sentinel")
+    d = Redis()
+    out = Redis(url=url, sentinel=sentinel,
+                key_prefix=r.get(m, path, "key_prefix", "str", d.key_prefix),
+                on_outage=r.get(m, path, "on_outage", "str", "serve", choices=("serve", "reject_new")),
+                heartbeat_s=r.get(m, path, "heartbeat_s", "number", d.heartbeat_s, minimum=0.1),
+                node_ttl_s=r.get(m, path, "node_ttl_s", "number", d.node_ttl_s, minimum=0.3),
+                session_ttl_s=r.get(m, path, "session_ttl_s", "number", d.session_ttl_s, minimum=1),
+                timeout_s=r.get(m, path, "timeout_s", "number", d.timeout_s, minimum=0.01),
+                request_timeout_s=r.get(m, path, "request_timeout_s", "number", d.request_timeout_s, minimum=0.01))
+    if out.node_ttl_s <= out.heartbeat_s:
+        doc.error(path + ("node_ttl_s",), f"has value {out.node_ttl_s}; must be more than heartbeat_s "
+                                          f"({out.heartbeat_s}), or every node looks dead between heartbeats")
     return out
+
+
+def _channels(r: _Reader, doc: _Doc, value: Any) -> tuple[ChannelRule, ...]:
+    """`channels: [{match: "room:*", history: {size, ttl_s}}]`: per-channel settings, first match wins."""
+    path = ("channels",)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        doc.error(path, f"must be a list of {{match, history}}, got {_kind(value)}")
+        return ()
+    out = []
+    for i, item in enumerate(value):
+        ip = path + (i,)
+        m = r.mapping(item, ip, ("match", "history"))
+        if m is None:
+            continue
+        pattern = r.get(m, ip, "match", "str")
+        if pattern is not None and not re.fullmatch(r"[A-Za-z0-9_.:@\-*?\[\]!]{1,128}", pattern):
+            doc.error(ip + ("match",), f"has value {pattern!r}; a channel name or a pattern of letters, digits, "
+                                       "_ - . : @ and * ? [ ]")
+            pattern = None
+        history = None
+        if m.get("history") is not None:
+            hp = ip + ("history",)
+            hm = r.mapping(m["history"], hp, ("size", "ttl_s")) or {}
+            history = History(size=r.get(hm, hp, "size", "int", 100, minimum=1),
+                              ttl_s=r.get(hm, hp, "ttl_s", "number", 300, minimum=1))
+            if history.size > 100_000:
+                doc.error(hp + ("size",), f"has value {history.size}; at most 100000 messages per channel")
+        if pattern is not None:
+            out.append(ChannelRule(match=pattern, history=history))
+    return tuple(out)
 
 
 def _limits(r: _Reader, value: Any) -> Limits:
@@ -597,7 +687,7 @@ def _required(doc: _Doc, path: Path, spec: dict, key: str) -> None:
 
 
 _ROUTE_KEYS = ("name", "match", "auth", "backend", "split", "select", "actions", "events",
-               "forward_path", "error_message")
+               "forward_path", "error_message", "history")
 _MATCH_KEYS = ("path", "path_prefix", "host", "headers", "query", "claims")
 
 
@@ -613,6 +703,12 @@ def _routes(r: _Reader, doc: _Doc, value: Any, backends: dict[str, Backend], aut
     for i, spec in enumerate(value):
         rp = path + (i,)
         m = r.mapping(spec, rp, _ROUTE_KEYS)
+        if m is not None and "history" in m:
+            # A channel is not tied to a route (the API publishes to it by name),
+            # so its history is set per channel name or pattern.
+            doc.error(rp + ("history",), "history is set per channel: use the top-level "
+                                         "'channels: [{match: \"room:*\", history: {size: 100, ttl_s: 300}}]'",
+                      key=True)
         if m is None:
             continue
         name = r.get(m, rp, "name", "str")
@@ -684,7 +780,6 @@ def _routes(r: _Reader, doc: _Doc, value: Any, backends: dict[str, Backend], aut
                          forward_path=r.get(m, rp, "forward_path", "bool", False),
                          error_message=r.get(m, rp, "error_message", "str", DEFAULT_ERROR_MESSAGE)))
     _check_shadowing(doc, out)
-    _check_features(doc, out, backends)
     return tuple(out)
 
 
@@ -726,8 +821,6 @@ def _implies(later: Match, earlier: Match) -> bool:
     if earlier.path is not None and later.path != earlier.path:
         return False
     if earlier.path_prefix is not None:
-        from .routing import path_has_prefix
-
         candidate = later.path if later.path is not None else later.path_prefix
         if candidate is None or not path_has_prefix(candidate, earlier.path_prefix):
             return False
@@ -744,12 +837,6 @@ def _check_shadowing(doc: _Doc, routes: list[Route]) -> None:
                           f"route {later.name!r} is never reached: route {earlier.name!r} (routes[{earlier.index}]) "
                           "matches every request it matches")
                 break
-
-
-def _check_features(doc: _Doc, routes: list[Route], backends: dict[str, Backend]) -> None:
-    """Refuse what this release parses but does not run yet."""
-    # http backends, the chat builtin, split, select and events all run now.
-    return
 
 
 def with_workers(cfg: Config, value: str) -> Config:

@@ -56,3 +56,79 @@ class ProtocolViolation(GatewayError):
         self.code = code
         self.reason = reason
         super().__init__(f"{code} {reason}")
+
+
+class AuthError(GatewayError):
+    """A refused credential. `reason` is a fixed, safe phrase; `status` 401/403."""
+
+    def __init__(self, reason: str, status: int = 401):
+        self.reason = reason
+        self.status = status
+        super().__init__(f"{status} {reason}")
+
+
+class UnknownKid(AuthError):
+    """The token names a key id we do not hold (yet).
+
+    A distinct type so the async caller can refresh the JWKS once and retry.
+    `kid` is attacker-controlled: use it for the lookup, never echo it.
+    """
+
+    def __init__(self, kid: str | None):
+        self.kid = kid
+        super().__init__("unknown key", 401)
+
+
+class JwksFetchError(GatewayError):
+    """Internal: a JWKS fetch produced nothing usable. Message is for our log only."""
+
+
+class ChannelError(GatewayError, ValueError):
+    """A bad channel name or too many channels: the text is safe to show."""
+
+
+class ApiError(GatewayError):
+    """A management API call refused: `status` and a JSON `{"error": message, **extra}`."""
+
+    def __init__(self, status: int, message: str, **extra):
+        self.status = status
+        self.message = message
+        self.extra = extra
+        super().__init__(f"{status} {message}")
+
+
+class StoreUnavailable(GatewayError):
+    """The session store (Redis) cannot be reached right now."""
+
+
+class RecordVersionError(GatewayError):
+    """A record written by a newer gateway than this one: not read, logged once."""
+
+    def __init__(self, kind: str, version: object):
+        self.kind = kind
+        self.version = version
+        super().__init__(f"{kind} record has format version {version!r}; this gateway reads up to "
+                         f"{RECORD_VERSION}")
+
+
+class HistoryError(GatewayError):
+    """A channel history request that cannot be served whole. `status` is the HTTP answer."""
+
+    status = 409
+
+    def __init__(self, message: str, *, epoch: str, offset: int):
+        self.epoch = epoch
+        self.offset = offset
+        super().__init__(message)
+
+
+class HistoryEpochChanged(HistoryError):
+    status = 409
+
+
+class HistoryTrimmed(HistoryError):
+    status = 410
+
+
+# The format version of every record the gateway writes to the store.
+RECORD_VERSION = 1

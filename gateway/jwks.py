@@ -27,14 +27,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .auth import RSA_MIN_BITS, KeyMaterial, UnknownKid, Verifier
+from .errors import JwksFetchError
 
 __all__ = ["JwksCache", "parse_jwks", "verify_token"]
 
 log = logging.getLogger("gateway.jwks")
-
-
-class JwksFetchError(Exception):
-    """Internal: a fetch produced nothing usable. Message is for our log only."""
 
 
 def parse_jwks(body: bytes) -> dict[str | None, KeyMaterial]:

@@ -17,7 +17,8 @@ import time
 from aiohttp import web
 
 from . import frames, metrics
-from .channels import ChannelError, check_name
+from .channels import check_name
+from .errors import ApiError, ChannelError
 from .httpbackend import reply_opcode
 from .logs import event
 from .session import State
@@ -33,13 +34,6 @@ ALLOWED_CLOSE_CODES = frozenset({1000, 1001, 1008, 1011, 1012, 1013}) | frozense
 # Besides text/*, JSON and no content type (the rule for backend replies):
 # what `curl --data` sends, and other textual types.
 _ALSO_TEXT = frozenset({"application/x-www-form-urlencoded", "application/xml", "application/javascript"})
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, **extra):
-        self.status = status
-        self.message = message
-        self.extra = extra
 
 
 # What POST /v1/reload calls (set by admin.build): returns the problems found,

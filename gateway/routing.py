@@ -9,19 +9,13 @@ route whose claims are the only thing that fails answers 403, not 404.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
-from .config import Match, Route
+from .paths import path_has_prefix
 
-
-def path_has_prefix(path: str, prefix: str) -> bool:
-    """Segment-aware prefix: '/api' matches '/api' and '/api/x', not '/apix'.
-
-    A prefix that ends in '/' matches anything below it.
-    """
-    if prefix.endswith("/"):
-        return path.startswith(prefix) or path == prefix[:-1]
-    return path == prefix or path.startswith(prefix + "/")
+if TYPE_CHECKING:  # types only: config imports routing's helpers, not the reverse
+    from .config import Match, Route
 
 
 def host_matches(pattern: str, host: str) -> bool:
@@ -36,26 +30,6 @@ def strip_port(host: str) -> str:
     if host.startswith("["):  # [::1]:8080
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def claims_hold(wanted: tuple[tuple[str, object], ...], claims: Mapping[str, object] | None) -> bool:
-    """Each wanted claim equals the value, or one of the values for a tuple.
-
-    A claim that is itself a list holds if any of its elements does.
-    """
-    if not wanted:
-        return True
-    if claims is None:
-        return False
-    for name, want in wanted:
-        if name not in claims:
-            return False
-        have = claims[name]
-        options = want if isinstance(want, tuple) else (want,)
-        values = have if isinstance(have, list) else (have,)
-        if not any(v == o and type(v) is type(o) or (isinstance(v, str) and v == str(o)) for v in values for o in options):
-            return False
-    return True
 
 
 class CompiledRoute:
@@ -128,8 +102,3 @@ def strip_query(query: str, drop_params: tuple[str, ...]) -> str:
     if not query or not drop_params:
         return query
     return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in drop_params])
-
-
-def compile_select(select: str) -> tuple[str, ...]:
-    """'$.a.b' -> ('a', 'b')."""
-    return tuple(select[2:].split("."))

@@ -122,7 +122,6 @@ def test_duplicate_yaml_keys_are_errors():
 
 
 @pytest.mark.parametrize("snippet,needle", [
-    ("redis: {url: 'redis://127.0.0.1:6379/0'}\n", "not supported yet"),
     ("drain: {resume_window_s: 60}\n", "session resume is not supported yet"),
 ])
 def test_later_features_are_refused_not_ignored(snippet, needle):
@@ -172,3 +171,50 @@ def test_gateway_check_exit_codes(tmp_path):
     assert f"{bad}:8:14 routes[0].backend: unknown backend 'chta'" in res.stderr
     missing = _check(tmp_path / "absent.yaml")
     assert missing.returncode == 2 and "cannot read config" in missing.stderr
+
+
+def test_redis_url_and_defaults():
+    cfg = config.parse(GOOD + "redis: {url: 'redis://127.0.0.1:6379/0', on_outage: reject_new}\n")
+    r = cfg.redis
+    assert (r.url, r.sentinel, r.key_prefix, r.on_outage) == ("redis://127.0.0.1:6379/0", None, "gw:", "reject_new")
+    assert (r.heartbeat_s, r.node_ttl_s) == (5, 15)
+
+
+def test_redis_sentinel_parses_addresses():
+    cfg = config.parse(GOOD + "redis: {sentinel: {master: m, addresses: ['127.0.0.1:26379', '[::1]:26380']}}\n")
+    assert cfg.redis.sentinel.master == "m"
+    assert cfg.redis.sentinel.addresses == (("127.0.0.1", 26379), ("::1", 26380))
+
+
+@pytest.mark.parametrize("snippet,needle", [
+    ("redis: {}\n", "redis: set exactly one of url, sentinel"),
+    ("redis: {url: 'redis://x', sentinel: {master: m, addresses: ['h:1']}}\n", "set exactly one of url, sentinel"),
+    ("redis: {url: 'http://x'}\n", "redis.url: has value 'http://x'"),
+    ("redis: {sentinel: {master: m, addresses: ['nohost']}}\n", "redis.sentinel.addresses[0]: has value 'nohost'"),
+    ("redis: {url: 'redis://x', on_outage: drop}\n", "redis.on_outage"),
+    ("redis: {url: 'redis://x', heartbeat_s: 5, node_ttl_s: 5}\n", "must be more than heartbeat_s"),
+    ("redis: {url: 'redis://x', key_prefx: a}\n", "did you mean 'key_prefix'"),
+])
+def test_bad_redis_sections_name_the_key(snippet, needle):
+    assert any(needle in p for p in problems(GOOD + snippet)), problems(GOOD + snippet)
+
+
+def test_channel_rules_and_history():
+    cfg = config.parse(GOOD + "channels: [{match: 'room:*', history: {size: 50, ttl_s: 60}}, {match: lobby}]\n")
+    assert cfg.channels[0].match == "room:*" and cfg.channels[0].history.size == 50
+    assert cfg.channels[1].history is None
+
+
+@pytest.mark.parametrize("snippet,needle", [
+    ("channels: {match: x}\n", "channels: must be a list"),
+    ("channels: [{match: 'a b'}]\n", "channels[0].match: has value 'a b'"),
+    ("channels: [{match: x, history: {size: 0}}]\n", "channels[0].history.size: has value 0"),
+    ("channels: [{match: x, history: {size: 1000000}}]\n", "at most 100000"),
+])
+def test_bad_channel_rules(snippet, needle):
+    assert any(needle in p for p in problems(GOOD + snippet)), problems(GOOD + snippet)
+
+
+def test_history_on_a_route_points_to_channels():
+    text = GOOD.replace("    backend: echo\n", "    backend: echo\n    history: {size: 3}\n")
+    assert any("routes[1].history: history is set per channel" in p for p in problems(text))
