@@ -20,7 +20,9 @@ _SESSION_DEFAULTS = {"sub": None, "route": None, "endpoint": None, "backend": No
 
 
 def encode(kind: str, record: dict) -> bytes:
-    return orjson.dumps({"v": RECORD_VERSION, "kind": kind, **record})
+    # The writer's version and kind win over any a decoded record still carries:
+    # re-writing an older record writes it in this release's format.
+    return orjson.dumps({**record, "v": RECORD_VERSION, "kind": kind})
 
 
 def decode(kind: str, raw: bytes | str | None) -> dict | None:
@@ -40,5 +42,8 @@ def decode(kind: str, raw: bytes | str | None) -> dict | None:
         raise RecordVersionError(kind, version)
     if kind == "session":
         for k, v in _SESSION_DEFAULTS.items():
-            doc.setdefault(k, v)
+            if k not in doc:
+                # A fresh list or dict each time: a shared default would leak
+                # one record's changes into every other.
+                doc[k] = v.copy() if isinstance(v, (list, dict)) else v
     return doc
