@@ -25,11 +25,12 @@ operators in docs/redis.md:
     P nodes                 zset    node id -> unix time of its last heartbeat
     P node:{id}:sessions    set     session ids the node owns
     P session:{sid}         string  session record (JSON), EX session_ttl_s
+    P conn:{connection}     string  session id of that connection id, EX session_ttl_s
     P sub:{sub}             hash    session id -> node id
     P chan:{name}           hash    session id -> member JSON {node, conn, sub}
     P hist:{name}           stream  channel history, ids "<offset>-0", MAXLEN size
     P hist:{name}:meta      hash    {epoch, offset}
-    P reap:{id}             string  claim on a dead node's cleanup, NX EX
+    P reap:{id}             string  claim on a dead node's cleanup, NX EX (claim("reap:{id}"))
     P bus:{id}              pub/sub messages routed to that node
 """
 
@@ -101,8 +102,9 @@ class Store(Protocol):
     async def heartbeat(self, node: dict, ttl_s: float, *, refresh: tuple[list[str], float] | None = None) -> None:
         """Write the node record (EX ttl_s) and its heartbeat time. With `refresh`
         = (session ids, session_ttl_s), also re-EXPIRE those session records, the
-        node's session set and the subject/channel index keys they appear in,
-        all in the same round trip."""
+        node's session set and the connection/subject/channel index keys they
+        appear in, all in the same round trip. The ids are all of the node's
+        sessions (the Redis store forgets what it knew about any other)."""
 
     async def write(self, ops: list[Op]) -> None:
         """Apply a batch of session changes in one round trip."""
@@ -124,7 +126,7 @@ class Store(Protocol):
     async def expired_nodes(self, older_than_s: float) -> list[str]:
         """Ids whose last heartbeat is older than `older_than_s` seconds."""
     async def claim(self, name: str, ttl_s: float) -> bool:
-        """SET NX: True for exactly one caller until the claim expires."""
+        """SET NX on key P{name}: True for exactly one caller until the claim expires."""
     async def node_sessions(self, node_id: str) -> list[str]: ...
     async def take_session(self, session_id: str) -> dict | None:
         """Atomically read and delete a session record (GETDEL): one caller
