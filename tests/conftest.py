@@ -76,3 +76,44 @@ def proxy_config(*endpoints: str, route: dict | None = None, backend: dict | Non
     }
     cfg.update(top)
     return cfg
+
+
+# ---- Redis: real redis-server processes (tests/redisproc.py), never a fake.
+
+@pytest.fixture(scope="module")
+def _redis_process():
+    from .redisproc import RedisProcess
+
+    try:
+        proc = RedisProcess()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    proc.start()
+    yield proc
+    proc.close()
+
+
+@pytest.fixture
+def redis_server(_redis_process):
+    """A redis-server on 127.0.0.1 (`.port`, `.url`, `.stop()`, `.start()` on the same
+    port), shared by a test module, running and empty at the start of each test."""
+    _redis_process.start()
+    with _redis_process.client() as c:
+        c.flushall()
+    return _redis_process
+
+
+@pytest.fixture
+def sentinel_set():
+    """A master, a replica and three sentinels monitoring them as `m` (quorum 2)."""
+    from .redisproc import SentinelSet
+
+    try:
+        s = SentinelSet()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
