@@ -7,7 +7,9 @@ a node's lifecycle traffic stays small and a Redis outage is seen at once:
 socket timeouts are `timeout_s`, no command is retried (a retried append
 would append twice), and a whole call is cut off at 2 x `timeout_s`. Every
 connection or timeout error becomes `errors.StoreUnavailable`, and
-`available` says what the last call found.
+`available` says what the last call found. Two methods do not raise, so that
+a node can start while Redis is away: `start()` and `listen()` report it
+through `available`, and the bus subscriber keeps trying in the background.
 
 Time: heartbeat times in the `nodes` zset are the writing node's unix time
 (time.time()), and ages are computed with the reading node's clock, so
@@ -119,6 +121,9 @@ class RedisStore:
         self._append = None
         self._nodes = None
         self._where: dict[str, _Where] = {}
+        # Dropped from _where by the last refresh, kept one more cycle: a
+        # Delete already queued for a just-closed session still finds its channels.
+        self._retired: dict[str, _Where] = {}
         self._reader = RecordReader()
         self._bus: dict[bytes, BusHandler] = {}     # prefixed bus channel -> handler
         self._bus_task: asyncio.Task | None = None
@@ -179,12 +184,12 @@ class RedisStore:
         if self._available:
             self._available = False
             log.warning("redis unreachable", extra={"fields": {
-                "event": "store_unavailable", "op": what, "error": f"{type(e).__name__}: {e}"}})
+                "event": "redis_unreachable", "op": what, "error": f"{type(e).__name__}: {e}"}})
 
     def _up(self) -> None:
         if not self._available:
             self._available = True
-            log.info("redis reachable again", extra={"fields": {"event": "store_available"}})
+            log.info("redis reachable again", extra={"fields": {"event": "redis_reachable"}})
 
     def _k(self, name: str) -> str:
         return self.key_prefix + name
@@ -196,7 +201,8 @@ class RedisStore:
         PEXPIREs: the node's session set, the N session records and their N
         connection keys, and the K distinct subject and channel keys they
         appear in. The refresh list is taken to be all of the node's
-        sessions: what this store remembers about any other is forgotten."""
+        sessions: what this store remembers about any other is forgotten
+        after the next refresh."""
         node_id = node["id"]
         p = self._redis.pipeline(transaction=False)
         p.set(self._k(f"node:{node_id}"), encode("node", node), px=_ms(ttl_s))
@@ -220,6 +226,7 @@ class RedisStore:
                     index_keys.update(f"chan:{c}" for c in w.channels)
             for key in index_keys:
                 p.pexpire(self._k(key), px)
+            self._retired = {sid: w for sid, w in self._where.items() if sid not in where}
             self._where = where
         async with self._guard("heartbeat"):
             await p.execute()
@@ -239,7 +246,7 @@ class RedisStore:
             rec = op.record
             sid, node, sub, conn = rec["session"], rec["node"], rec.get("sub"), rec.get("connection")
             channels = set(rec.get("channels") or ())
-            old = self._where.get(sid)
+            old = self._where.get(sid) or self._retired.pop(sid, None)
             if old is not None:
                 # Replacing: drop the index entries the new record no longer has.
                 if old.connection is not None and old.connection != conn:
@@ -286,7 +293,7 @@ class RedisStore:
             raise TypeError(f"not a store op: {op!r}")
 
     def _queue_delete(self, p, sid: str, node: str, sub: str | None, channels, conn: str | None = None) -> None:
-        w = self._where.pop(sid, None)
+        w = self._where.pop(sid, None) or self._retired.pop(sid, None)
         subs = {sub} if sub is not None else set()
         chans = set(channels)
         if w is not None:
@@ -311,7 +318,7 @@ class RedisStore:
             ids = sorted(existing | {r["session"] for r in records})
             raws = await self._redis.mget([self._k(f"session:{sid}") for sid in ids]) if ids else []
             # What the store holds, not what we remember writing: that may not have arrived.
-            self._where = {}
+            self._where, self._retired = {}, {}
             for sid, raw in zip(ids, raws):
                 old = self._reader.decode("session", raw, self._k(f"session:{sid}"))
                 if old is not None:

@@ -219,6 +219,15 @@ async def test_heartbeat_refresh_keeps_sessions_and_indexes_alive(cluster):
     await eventually(all_gone, what="unrefreshed session and index keys to expire")
 
 
+async def test_a_delete_just_after_a_refresh_still_removes_the_channel_entries(cluster):
+    # The session closed after the refresh list was taken, its Delete not yet written.
+    a = await cluster.node()
+    await a.write([Put(rec("s1", channels=["c1"])), Put(rec("s2", channels=["c1"]))])
+    await a.heartbeat({"id": "na"}, 5.0, refresh=(["s2"], 60.0))
+    await a.write([Delete("s1", "na", "u1")])
+    assert set(await a.channel_members("c1")) == {"s2"}
+
+
 # ---- dead nodes
 
 async def test_claim_is_granted_once_until_it_expires(cluster):
