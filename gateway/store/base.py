@@ -115,6 +115,8 @@ class Store(Protocol):
 
     # ---- reading
     async def get_session(self, session_id: str) -> dict | None: ...
+    async def session_of_connection(self, connection_id: str) -> str | None:
+        """The session id a connection id belongs to (the API takes either)."""
     async def subject_sessions(self, sub: str) -> dict[str, str]:
         """session id -> node id."""
     async def channel_members(self, channel: str) -> dict[str, dict]:
@@ -128,6 +130,8 @@ class Store(Protocol):
     async def claim(self, name: str, ttl_s: float) -> bool:
         """SET NX on key P{name}: True for exactly one caller until the claim expires."""
     async def node_sessions(self, node_id: str) -> list[str]: ...
+    async def node_session_count(self, node_id: str) -> int:
+        """How many session ids the store holds for that node (its self-check each heartbeat)."""
     async def take_session(self, session_id: str) -> dict | None:
         """Atomically read and delete a session record (GETDEL): one caller
         gets it, every other gets None. Its index entries are removed too."""
@@ -139,6 +143,8 @@ class Store(Protocol):
         """Send `data` to that node's bus; returns how many listeners took it."""
     async def listen(self, node_id: str, handler: BusHandler) -> None:
         """Deliver this node's bus to `handler` until close(); survives reconnects."""
+    async def unlisten(self, node_id: str) -> None:
+        """Stop delivering that node's bus (nodes sharing one MemoryStore)."""
 
     # ---- channel history
     async def history_append(self, channel: str, opcode: int, payload: bytes, size: int,

@@ -318,6 +318,9 @@ class MemoryStore:
     async def node_sessions(self, node_id: str) -> list[str]:
         return list(self._live(f"node:{node_id}:sessions") or ())
 
+    async def node_session_count(self, node_id: str) -> int:
+        return len(self._live(f"node:{node_id}:sessions") or ())
+
     async def take_session(self, session_id: str) -> dict | None:
         key = f"session:{session_id}"
         raw = self._live(key)

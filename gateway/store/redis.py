@@ -389,6 +389,10 @@ class RedisStore:
         async with self._guard("node_sessions"):
             return [_s(m) for m in await self._redis.smembers(self._k(f"node:{node_id}:sessions"))]
 
+    async def node_session_count(self, node_id: str) -> int:
+        async with self._guard("node_session_count"):
+            return int(await self._redis.scard(self._k(f"node:{node_id}:sessions")))
+
     async def take_session(self, session_id: str) -> dict | None:
         """GETDEL, then the index entries (a second round trip; only the taker gets there)."""
         key = self._k(f"session:{session_id}")

@@ -276,6 +276,7 @@ async def test_resync_holds_exactly_the_given_records(cluster):
     await after.resync("na", [rec("s1", channels=["c2"]), rec("s3", sub="u3")])
 
     assert sorted(await after.node_sessions("na")) == ["s1", "s3"]
+    assert await after.node_session_count("na") == 2 and await after.node_session_count("nb") == 1
     assert await after.get_session("s2") is None
     assert (await after.get_session("s1"))["channels"] == ["c2"]
     assert await after.get_session("s3") is not None
