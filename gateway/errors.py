@@ -58,6 +58,11 @@ class ProtocolViolation(GatewayError):
         super().__init__(f"{code} {reason}")
 
 
+class InvalidTransition(GatewayError):
+    """A session (or one of its sides) asked to move where its state table has no way:
+    a bug in the gateway, never the peer's doing (gateway/session.py)."""
+
+
 class AuthError(GatewayError):
     """A refused credential. `reason` is a fixed, safe phrase; `status` 401/403."""
 
