@@ -3,7 +3,9 @@
 A pool orders its endpoints for each new session (round robin, least
 connections or rendezvous hashing), skips the ones that are ejected (too many
 consecutive dial failures, for a cool-down) or unhealthy (active checks), and
-falls back to them only when nothing else is left.
+falls back to them only when nothing else is left. `dial_any` tries them in
+that order until one answers the upgrade: the handshake uses it for a new
+session, and a reattach can use it for an existing one.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
-from . import frames, http1
+from . import frames, http1, metrics
 from .config import Backend
+from .logs import event
 
 log = logging.getLogger("gateway.upstream")
 
@@ -89,9 +92,49 @@ class BackendPool:
         ep.failures = 0
         ep.ejected_until = 0.0
 
+    # ---- dialling
+    async def dial_any(self, hash_key: str | None, target_for, headers: list[tuple[str, str]],
+                       timeout: float) -> tuple[Endpoint, asyncio.Transport, http1.ResponseHead, bytes]:
+        """Open a WebSocket to the first endpoint (in `order(hash_key)`) that takes it.
+
+        `target_for(endpoint)` is the request target for that endpoint.
+        Returns (endpoint, transport (paused), response head, bytes read past
+        the head). An endpoint that cannot be reached or answers 5xx is
+        counted (gateway_upstream_connect_failures_total, the
+        `upstream_connect_failed` log line, ejection) and the next one is
+        tried. A backend's own 4xx (401, 403, 404...) raises UpstreamRefused:
+        that is its answer, not a failure. None answering raises
+        NoBackendAvailable.
+        """
+        for ep in self.order(hash_key):
+            try:
+                transport, head, leftover = await dial(ep, target_for(ep), headers, timeout)
+            except UpstreamRefused as exc:
+                if exc.status < 500:
+                    raise
+                self._count_failure(ep)
+                continue
+            except (OSError, asyncio.TimeoutError, ValueError, ConnectionError):
+                self._count_failure(ep)
+                continue
+            self.dial_succeeded(ep)
+            return ep, transport, head, leftover
+        raise NoBackendAvailable(self.name)
+
+    def _count_failure(self, ep: Endpoint) -> None:
+        self.dial_failed(ep)
+        metrics.upstream_failures.labels(self.name, ep.url).inc()
+        event(log, "upstream_connect_failed", logging.WARNING, backend=self.name, endpoint=ep.url)
+
     # ---- active health checks
-    def start_health(self, session_factory) -> None:
+    def start_health(self, session_factory=None) -> None:
+        """Start the active checks (if configured); `session_factory` makes the
+        aiohttp.ClientSession they use (one per pool)."""
         if self.spec.health is not None and self._health_task is None:
+            if session_factory is None:
+                import aiohttp
+
+                session_factory = aiohttp.ClientSession
             self._health_task = asyncio.ensure_future(self._health_loop(session_factory))
 
     async def stop(self) -> None:
@@ -144,6 +187,14 @@ class UpstreamRefused(Exception):
     def __init__(self, status: int):
         self.status = status
         super().__init__(status)
+
+
+class NoBackendAvailable(Exception):
+    """No endpoint of the pool answered the upgrade."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        super().__init__(f"no endpoint of backend {backend!r} answered")
 
 
 _client_tls: ssl.SSLContext | None = None
