@@ -12,7 +12,7 @@ from aiohttp import web
 from . import admin, config as config_mod, metrics
 from .errors import ConfigError
 from .logs import event
-from .relay import Session
+from .handshake import Handshake
 from .server import Node
 
 log = logging.getLogger("gateway")
@@ -41,7 +41,7 @@ class Gateway:
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
         await site.start()
-        self.server = await loop.create_server(lambda: Session(node), cfg.listen.host, cfg.listen.port,
+        self.server = await loop.create_server(lambda: Handshake(node), cfg.listen.host, cfg.listen.port,
                                                reuse_port=self.reuse_port or None, backlog=4096)
         node.start()
         listen_port = self.server.sockets[0].getsockname()[1]

@@ -134,7 +134,7 @@ def base_headers(session, forward_claims=("sub",)) -> dict[str, str]:
     route = session.route
     out = {
         "Gateway-Connection-Id": session.id,
-        "Gateway-Session-Id": getattr(session, "session_id", None) or session.id,
+        "Gateway-Session-Id": session.session_id,
         "Gateway-Route": getattr(route, "name", None) or str(route),
         "Gateway-Client-IP": session.ip,
     }
@@ -355,7 +355,10 @@ class HttpBackend:
             self._count(event, "unreachable")
             self._failed(event, session, why="http client not started")
             return None
-        cap = self.node.limits.max_message_bytes
+        # The session's own limit, fixed when it went live; the node's for a connect event
+        # (before that) and for a session rebuilt from another node's record (cluster.LostSession).
+        lim = getattr(session, "limits", None) or self.node.live_limits
+        cap = lim.max_message_bytes
         for ep in self.pool.order(st.hash_key):
             try:
                 async with http.post(self.urls[id(ep)], data=body, headers=headers, timeout=self.timeout,

@@ -1,56 +1,117 @@
-"""The per-message path: one client socket, one upstream socket, frames between.
+"""The per-message path: a live session's two sockets, frames between them.
 
-`Session` is the asyncio protocol of the client socket through the handshake;
-once relaying, each socket gets a `Side` whose data_received is the session's
-relay function for that direction. No task per direction, no message
-objects: the relay functions parse frame headers,
-forwards contiguous runs of frames with one write, and steps in only where
-the gateway must:
+A `Session` goes live once the handshake (gateway/handshake.py) has answered
+101. From then on each socket gets a `Side` protocol whose data_received is
+the session's relay function for that direction: no task per direction, no
+message objects. The relay functions parse frame headers, forward contiguous
+runs of frames with one write, and step in only where the gateway must:
 
 - control frames: pings are answered here on both sides (the gateway keeps
   its own keepalive each way), pongs are ours, close frames are validated
   and forwarded so codes and reasons cross unchanged;
 - client text frames: unmasked and checked for UTF-8 (RFC 6455 8.1: "MUST
   _Fail the WebSocket Connection_"), 1007 otherwise;
-- sizes: max_message_bytes (1009), send buffers (1013).
+- sizes: max_message_bytes (1009), send buffers (1013); messages_per_second.
 
 Payloads of data frames are streamed: a 16 MiB binary message never sits in
-the gateway whole. A close the gateway originates is injected only at a frame
-boundary, so neither peer ever sees a torn frame.
+the gateway whole. Whatever the gateway itself sends (pongs, keepalive,
+close frames, messages from sinks and the management API) goes out only at
+a frame boundary, so neither peer ever sees a torn frame; the upstream can be
+let go and another attached at a boundary the same way (`detach_upstream`,
+`attach_upstream`). How a session closes is in gateway/closing.py; where its
+state may move is in gateway/session.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import secrets
 import time
 
-from . import frames, http1
-from .errors import (GOING_AWAY, INTERNAL_ERROR, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLATION,
-                     PROTOCOL_ERROR, TRY_AGAIN_LATER, ProtocolViolation, Refusal)
+from . import frames
+from .auth import TokenBucket
+from .closing import NULL_UPSTREAM as _NULL, Closing, log
+from .errors import (GOING_AWAY, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLATION, PROTOCOL_ERROR,
+                     TRY_AGAIN_LATER, InvalidTransition, ProtocolViolation)
 from .frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, mask_in_place as _mask, \
     parse_header, unmask
-from .session import Event, State, advance
+from .session import Close, CloseEvent, Event, Link, LinkEvent, SideState, State, advance
 
-log = logging.getLogger("gateway.session")
+__all__ = ["Session", "Side", "new_id", "log"]
+
+_oswrite = os.write
+_monotonic = time.monotonic
 
 
 
-class _Null:
-    """Stands in for a gone upstream so the relay loop needs no checks."""
+
+class _Hold:
+    """The upstream while it is detached: client frames wait here, in order.
+
+    Bounded by send_buffer_bytes: past it the client is not read any more
+    (TCP backpressure) until an upstream is attached. Looks like a transport
+    to the relay, so the per-message path does not change while detached.
+    """
+
+    __slots__ = ("s", "buf", "limit", "paused", "cut")
+
+    def __init__(self, session: "Session", limit: int):
+        self.s = session
+        self.buf = bytearray()
+        self.limit = limit
+        self.paused = False
+        self.cut = False
+
+    def write(self, data) -> None:
+        self.buf += data
+        if len(self.buf) > self.limit and not self.paused:
+            self.paused = True
+            self.s.transport.pause_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.buf)
+
+    def is_closing(self) -> bool:
+        return self.cut
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        """The session gives up on the upstream while detached: lost, like a transport's abort."""
+        if not self.cut:
+            self.cut = True
+            self.buf = bytearray()
+            asyncio.get_running_loop().call_soon(self._lost)
+
+    close = abort
+
+    def _lost(self) -> None:
+        if self.s.up is self:
+            self.s.upstream_lost()
+
+
+class _Retired(asyncio.Protocol):
+    """The protocol of an upstream connection the session has let go."""
 
     __slots__ = ()
 
-    def write(self, data) -> None:
+    def data_received(self, data: bytes) -> None:
         pass
 
+    def eof_received(self):
+        return False
 
-_NULL = _Null()
+
+_RETIRED = _Retired()
 
 
-_oswrite = os.write
+def _ignore(data: bytes) -> None:
+    pass
 
 
 def _fileno(transport) -> int:
@@ -105,138 +166,134 @@ class Side(asyncio.Protocol):
         self.s.unstalled(self.client_side)
 
 
-class Session(asyncio.Protocol):
+class Session(Closing):
+    """One client's session: identity, its two sides, and the relay between them.
+
+    `id` names the client connection (Gateway-Connection-Id; the management
+    API addresses it); `session_id` names the session (Gateway-Session-Id),
+    which is meant to outlive a connection (resume) and an upstream (reattach).
+    """
+
     __slots__ = (
-        "node", "id", "state", "transport", "ip", "head_buf", "timer", "life_timer", "close_timer",
-        "expiry_timer", "started", "route", "route_metrics", "claims", "sub",
-        # upstream
-        "up", "endpoint", "pool", "sink", "deflate",
+        "node", "id", "session_id", "state", "transport", "ip", "started", "route", "route_metrics",
+        "claims", "sub", "timer", "life_timer", "close_timer", "expiry_timer", "stall_timer", "stall_client",
+        # the two sides (gateway/session.py SideState) and the upstream's socket
+        "client", "upstream", "up", "endpoint", "sink", "deflate", "c_fd", "u_fd",
+        # limits fixed when the session went live (session.LiveLimits), and the hot one
+        "limits", "max_message", "bucket",
         # client -> upstream parser
         "c_buf", "c_need", "c_remaining", "c_msg", "c_msg_bytes", "c_utf8", "c_msg_text", "c_parts",
         "c_seen", "c_msgs", "c_bytes",
-        # upstream -> client parser
-        "u_buf", "u_need", "u_remaining", "u_seen", "u_msgs", "u_bytes",
-        # closing
-        "closer", "c_close_sent", "c_close_recv", "u_close_sent", "u_close_recv", "close_code",
-        "close_reason", "pending_close", "client_gone", "up_gone",
-        # housekeeping
-        "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u", "bucket",
-        # frames the gateway itself sends, held until the stream is at a frame boundary
-        "c_later", "u_later", "stall_timer",
-        # what sinks and the management API keep per session
-        "channels", "sink_state",
         # rate limit: the current client message is dropped / its streamed rest is skipped
         "c_drop", "c_skip",
-        # True from the 101 until the session is finished: the fast test in data_received
-        "live",
-        # a client fault waiting for the upstream's close before the client's close goes out
-        "fault_close",
-        # socket fds for direct writes, -1 when not in use
-        "c_fd", "u_fd",
+        # upstream -> client parser
+        "u_buf", "u_need", "u_remaining", "u_seen", "u_msgs", "u_bytes",
+        # frames the gateway itself sends, held until the stream is at a frame boundary
+        "c_later", "u_later",
+        # closing: who started it, with what; a close waiting for the upstream's frame to end
+        # (pending_close), a client fault's close waiting for the upstream's close (fault_close)
+        "closer", "close_code", "close_reason", "pending_close", "fault_close",
+        # detach/attach: the hold, the upstream being let go, what waits for which boundary
+        "held", "leaving", "c_switch", "u_stop", "detach_waiter",
+        # housekeeping
+        "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u",
+        # what sinks and the management API keep per session
+        "channels", "sink_state",
     )
 
-    def __init__(self, node):
+    def __init__(self, node, transport):
         self.node = node
         self.id = new_id()
+        self.session_id = new_id()
         self.state = State.HANDSHAKE
-        self.transport = None
-        self.ip = ""
-        self.head_buf = b""
-        self.timer = self.life_timer = self.close_timer = self.expiry_timer = None
-        self.started = 0.0
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else ""
+        self.started = time.monotonic()
         self.route = self.route_metrics = self.claims = self.sub = None
-        self.up = self.endpoint = self.pool = self.sink = None
+        self.timer = self.life_timer = self.close_timer = self.expiry_timer = self.stall_timer = None
+        self.stall_client = False
+        self.client = SideState("client")
+        self.upstream = SideState("upstream", Close.GONE)  # until an upstream is attached
+        self.up = _NULL
+        self.endpoint = self.sink = None
         self.deflate = False
+        self.c_fd = self.u_fd = -1
+        self.limits = None
+        self.max_message = 0
+        self.bucket = None
         self.c_buf = b""
-        self.c_need = 0
-        self.c_remaining = 0
-        self.c_msg = 0
-        self.c_msg_bytes = 0
+        self.c_need = self.c_remaining = self.c_msg = self.c_msg_bytes = 0
         self.c_utf8 = None
         self.c_msg_text = False
         self.c_parts = None
         self.c_seen = self.u_seen = True
         self.c_msgs = self.c_bytes = self.u_msgs = self.u_bytes = 0
+        self.c_drop = self.c_skip = False
         self.u_buf = b""
-        self.u_need = 0
-        self.u_remaining = 0
+        self.u_need = self.u_remaining = 0
+        self.c_later = self.u_later = b""
         self.closer = None
-        self.c_close_sent = self.c_close_recv = self.u_close_sent = self.u_close_recv = False
         self.close_code = 1006
         self.close_reason = ""
-        self.pending_close = None
-        self.client_gone = False
-        self.up_gone = True
+        self.pending_close = self.fault_close = None
+        self.held = self.leaving = self.detach_waiter = None
+        self.c_switch = self.u_stop = False
         self.ticks = self.quiet_ticks = self.last_msgs = 0
         self.ping_due = False
         self.flushed_c = self.flushed_u = 0
-        self.bucket = None
-        self.c_later = self.u_later = b""
-        self.stall_timer = None
         self.channels = None
         self.sink_state = None
-        self.c_drop = self.c_skip = False
-        self.live = False
-        self.c_fd = self.u_fd = -1
-        self.fault_close = None
 
-    # ------------------------------------------------------------ handshake
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else ""
-        self.started = time.monotonic()
-        if not self.node.admit_socket(self):
-            transport.abort()
-            self.client_gone = True
-            return
-        self.timer = self.node.loop.call_later(self.node.limits.handshake_timeout_s, self._handshake_timeout)
+    # ------------------------------------------------------------ going live
+    def go_live(self, response: bytes, upstream) -> None:
+        """The handshake is done: fix the limits, write the 101, wire the sockets in.
 
-    def _handshake_timeout(self) -> None:
-        # Slowloris: half a request head held open. Drop it, no answer owed.
-        self.timer = None
-        if self.state is State.HANDSHAKE:
-            self.node.refused(self, "handshake_timeout")
-            self.transport.abort()
+        `upstream` is the dialled transport (paused), or None for a backend
+        inside the gateway (`sink`). Nothing is read until `start`.
+        """
+        lim = self.limits = self.node.live_limits
+        self.max_message = lim.max_message_bytes
+        if lim.messages_per_second > 0:
+            self.bucket = TokenBucket(lim.messages_per_second, lim.burst)
+        self.state = advance(self.state, Event.UPGRADED)
+        client = self.transport
+        client.set_write_buffer_limits(high=lim.send_buffer_bytes)
+        client.write(response)
+        loop = self.node.loop
+        self.timer = loop.call_later(lim.tick_s, self._tick)
+        if lim.max_lifetime_s:
+            self.life_timer = loop.call_later(lim.max_lifetime_s, self.gateway_close, GOING_AWAY,
+                                              "max lifetime reached")
+        if upstream is None:
+            client.set_protocol(Side(self, self.from_client_messages, self.client_lost, True))
+            return
+        client.set_protocol(Side(self, self.from_client_relay, self.client_lost, True))
+        self.c_fd = _fileno(client)
+        self._wire_upstream(upstream)
 
-    def data_received(self, data: bytes) -> None:
-        if self.live:
-            self.from_client(data)
-            return
-        if self.state is not State.HANDSHAKE:
-            self.c_buf += data  # pipelined frames: kept, relayed after the 101
-            if len(self.c_buf) > self.node.limits.max_message_bytes + 14:
-                self.transport.pause_reading()
-            return
-        buf = self.head_buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > http1.MAX_HEAD_BYTES:
-                self.refuse(Refusal(431, "request head too large", metric="headers_too_large"))
+    def _wire_upstream(self, transport) -> None:
+        self.up = transport
+        self.upstream = SideState("upstream")
+        transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
+        transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
+        self.u_fd = _fileno(transport)
+
+    def start(self, pending: bytes, leftover: bytes) -> None:
+        """Relay what came before the relay was wired in, then read both sockets."""
+        if self.sink is None:
+            if leftover:
+                self.from_upstream(leftover)
+            self.up.resume_reading()
+        if pending and self.state is State.OPEN:
+            if self.sink is None:
+                self.from_client_relay(pending)
             else:
-                self.head_buf = buf
-            return
-        if end > http1.MAX_HEAD_BYTES:
-            self.refuse(Refusal(431, "request head too large", metric="headers_too_large"))
-            return
-        self.head_buf = b""
-        self.c_buf = buf[end + 4:]
-        self.state = advance(self.state, Event.REQUEST)
-        self.transport.pause_reading()
-        try:
-            head = http1.parse_request(buf[:end])
-        except Refusal as r:
-            self.refuse(r)
-            return
-        asyncio.ensure_future(self._connect(head))
+                self.from_client_messages(pending)
+        if not self.client.gone:
+            self.transport.resume_reading()
 
-    def from_client(self, data: bytes) -> None:
-        """Every read from the client socket after the 101."""
-        if self.up is not None:
-            self.from_client_relay(data)
-        else:
-            self.from_client_messages(data)
-
+    # ------------------------------------------------- client -> upstream
     def _join_client(self, data: bytes) -> bytes | None:
         """Join `data` to the partial frame kept from before; None while incomplete."""
         if self.c_need:  # a frame checked whole is still arriving: append, O(1) amortised
@@ -251,58 +308,6 @@ class Session(asyncio.Protocol):
         self.c_buf = b""
         return data
 
-    async def _connect(self, head) -> None:
-        try:
-            await self.node.connect(self, head)
-        except Refusal as r:
-            self.refuse(r)
-        except Exception:
-            log.exception("handshake failed", extra={"fields": {"event": "handshake_error", "conn": self.id}})
-            self.refuse(Refusal(500, "internal error", metric="internal_error"))
-
-    def refuse(self, r: Refusal) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.state is State.REFUSED or self.client_gone:
-            return
-        self.state = advance(self.state, Event.REFUSED)
-        self.node.refused(self, r.metric, r.status)
-        self.transport.write(http1.response(r.status, r.reason, r.headers))
-        self.transport.close()
-
-    def upgraded(self, response: bytes, up_transport, up_leftover: bytes) -> None:
-        """Called by the node once the upstream (or sink) is ready: go live."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.state = advance(self.state, Event.UPGRADED)
-        self.live = True
-        limits = self.node.limits
-        self.transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
-        self.transport.write(response)
-        loop = self.node.loop
-        self.timer = loop.call_later(self.node.tick_s, self._tick)
-        if limits.max_lifetime_s:
-            self.life_timer = loop.call_later(limits.max_lifetime_s, self.gateway_close, GOING_AWAY, "max lifetime reached")
-        if up_transport is not None:
-            self.up = up_transport
-            self.up_gone = False
-            self.transport.set_protocol(Side(self, self.from_client_relay, self.client_lost, True))
-            up_transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
-            self.c_fd = _fileno(self.transport)
-            self.u_fd = _fileno(up_transport)
-            up_transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
-            if up_leftover:
-                self.from_upstream(up_leftover)
-            up_transport.resume_reading()
-        pending = self.c_buf
-        self.c_buf = b""
-        if pending and self.state is State.OPEN:
-            self.data_received(pending)
-        if not self.client_gone:
-            self.transport.resume_reading()
-
-    # ------------------------------------------------- client -> upstream
     def _client_violation(self, code: int, reason: str) -> None:
         """The client broke the protocol: tell it why, close the upstream cleanly."""
         self.node.count_violation(self, code)
@@ -310,8 +315,10 @@ class Session(asyncio.Protocol):
         self.c_need = 0
         # RFC 6455 7.1.7: having failed the connection, we need not wait for
         # the client's close frame; its further bytes are not to be trusted.
-        self.c_close_recv = True
-        if self.up is None or self.up_gone or self.u_close_recv or self.u_close_sent:
+        if not self.client.received:
+            self.client.on(CloseEvent.CLOSE_RECEIVED)
+        up = self.upstream
+        if up.received or up.sent:  # no upstream, or it is closing already
             self.gateway_close(code, reason, at_once=True)
             self._maybe_finish()
             return
@@ -322,8 +329,11 @@ class Session(asyncio.Protocol):
         self.fault_close = (code, reason)
         self._send_upstream_close(GOING_AWAY, "client error")
 
-    def _check_client_frame(self, b0: int, length: int, mask) -> int:
-        """Validate one client frame header; returns the opcode. Raises ProtocolViolation."""
+    def _check_client_frame(self, b0: int, length: int, mask, refused: bool = False) -> int:
+        """Validate one client frame header; returns the opcode. Raises ProtocolViolation.
+
+        `refused`: the fast path already asked the token bucket for this message and got no.
+        """
         opcode = b0 & 0x0F
         if mask is None:
             # RFC 6455 5.1: "a server MUST close the connection upon receiving
@@ -350,8 +360,8 @@ class Session(asyncio.Protocol):
             self.c_msg_text = opcode == OP_TEXT and not rsv
             bucket = self.bucket
             if bucket is not None:
-                now = time.monotonic()
-                if bucket.take(now):
+                now = _monotonic()
+                if not refused and bucket.take(now):
                     self.c_drop = False
                 else:
                     # Over messages_per_second + burst: this message is dropped
@@ -359,14 +369,14 @@ class Session(asyncio.Protocol):
                     self.c_drop = True
                     self.c_msg_text = False
                     self.node.count_rate_limited(self)
-                    after = self.node.limits.rate_limit_close_after_s
+                    after = self.limits.rate_limit_close_after_s
                     if after and bucket.over_for(now) >= after:
                         raise ProtocolViolation(POLICY_VIOLATION, "rate limit exceeded")
         else:
             raise ProtocolViolation(PROTOCOL_ERROR, "reserved opcode")
         self.c_msg_bytes += length
-        if self.c_msg_bytes > self.node.limits.max_message_bytes:
-            raise ProtocolViolation(MESSAGE_TOO_BIG, f"message too big (max {self.node.limits.max_message_bytes} bytes)")
+        if self.c_msg_bytes > self.max_message:
+            raise ProtocolViolation(MESSAGE_TOO_BIG, f"message too big (max {self.max_message} bytes)")
         return opcode
 
     def from_client_relay(self, data: bytes) -> None:
@@ -377,12 +387,14 @@ class Session(asyncio.Protocol):
             data = self._join_client(data)
             if data is None:
                 return
-        if self.c_close_recv or self.u_close_sent:
-            return  # nothing may follow a close frame
+        if self.client.received or self.upstream.sent_close:
+            # Nothing may follow a close frame. (A gone upstream still lets the
+            # client's close through: its answer closes the client cleanly.)
+            return
         n = len(data)
         pos = 0
         start = 0
-        up = self.up if not self.up_gone else _NULL
+        up = self.up
         if self.c_remaining:
             take = self.c_remaining if self.c_remaining < n else n
             self.c_remaining -= take
@@ -390,30 +402,36 @@ class Session(asyncio.Protocol):
             if self.c_skip:  # the rest of a rate-limited frame
                 start = take
                 self.c_skip = self.c_remaining > 0
-            if not self.c_remaining and self.u_later:
-                up.write(data[:pos])
+            if not self.c_remaining and (self.u_later or self.c_switch):
+                if pos > start:
+                    up.write(data[start:pos])
                 start = pos
-                self._flush_u_later()
-        limit = self.node.limits.max_message_bytes
+                self._at_upstream_boundary()
+                up = self.up
+        limit = self.max_message
+        bucket = self.bucket
+        refused = False
         while pos < n:
             b0 = data[pos]
-            if (b0 == 0x81 or b0 == 0x82) and pos + 6 <= n and 0x80 <= data[pos + 1] <= 0xFD \
-                    and not self.c_msg and self.bucket is None:
+            if (b0 == 0x81 or b0 == 0x82) and pos + 6 <= n and 0x80 <= data[pos + 1] <= 0xFD and not self.c_msg:
                 # Fast path: a whole, unfragmented, masked message under 126
-                # bytes, the common case. Same checks as below, fewer steps.
+                # bytes, the common case. Same checks as below, fewer steps;
+                # one token from the bucket, or the slow path drops it.
                 end = pos + 6 + (data[pos + 1] & 0x7F)
                 if end <= n and (end - pos - 6) <= limit:
-                    if b0 == 0x81:
-                        text = bytearray(data[pos + 6:end])
-                        _mask(data[pos + 2:pos + 6], text)
-                        if not text.isascii() and not frames.utf8_ok(text):
-                            if pos > start:
-                                up.write(data[start:pos])
-                            self._client_violation(INVALID_PAYLOAD, "invalid UTF-8 in text message")
-                            return
-                    self.c_msgs += 1
-                    pos = end
-                    continue
+                    if bucket is None or bucket.take(_monotonic()):
+                        if b0 == 0x81:
+                            text = bytearray(data[pos + 6:end])
+                            _mask(data[pos + 2:pos + 6], text)
+                            if not text.isascii() and not frames.utf8_ok(text):
+                                if pos > start:
+                                    up.write(data[start:pos])
+                                self._client_violation(INVALID_PAYLOAD, "invalid UTF-8 in text message")
+                                return
+                        self.c_msgs += 1
+                        pos = end
+                        continue
+                    refused = True
             h = parse_header(data, pos)
             if h is None:
                 self.c_buf = data[pos:]
@@ -429,12 +447,13 @@ class Session(asyncio.Protocol):
                 self.c_need = end - pos
                 break
             try:
-                opcode = self._check_client_frame(b0, length, mask)
+                opcode = self._check_client_frame(b0, length, mask, refused)
             except ProtocolViolation as v:
                 if pos > start:
                     up.write(data[start:pos])
                 self._client_violation(v.code, v.reason)
                 return
+            refused = False
             if opcode >= 8 or self.c_msg_text:
                 payload = unmask(data[pos + hlen:end], mask) if length else b""
                 if opcode == OP_TEXT or opcode == OP_CONT:
@@ -515,10 +534,11 @@ class Session(asyncio.Protocol):
             data = self._join_client(data)
             if data is None:
                 return
-        if self.c_close_recv:
+        if self.client.received:
             return
         n = len(data)
         pos = 0
+        limit = self.max_message
         while pos < n:
             h = parse_header(data, pos)
             if h is None:
@@ -526,7 +546,7 @@ class Session(asyncio.Protocol):
                 break
             b0, length, hlen, mask = h
             end = pos + hlen + length
-            if end > n and length <= self.node.limits.max_message_bytes:
+            if end > n and length <= limit:
                 self.c_buf = bytearray(data[pos:])
                 self.c_need = end - pos
                 break
@@ -571,53 +591,6 @@ class Session(asyncio.Protocol):
                 if self.closer is not None:
                     return
 
-    def send_message(self, opcode: int, payload: bytes) -> bool:
-        """Send one whole message to the client (sinks, management API)."""
-        return self.send_raw(frames.frame(opcode, payload))
-
-    def send_raw(self, frame_bytes: bytes) -> bool:
-        """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
-        if self.c_close_sent or self.client_gone or self.state is not State.OPEN:
-            return False
-        self.u_msgs += 1
-        self.u_bytes += len(frame_bytes)
-        self._send_client(frame_bytes)
-        return True
-
-    def _send_client(self, data: bytes) -> None:
-        """Frames the gateway writes to the client itself: only at a frame boundary."""
-        if self.client_gone or self.c_close_sent:
-            return
-        if self.u_remaining:
-            self.c_later += data
-        else:
-            self.transport.write(data)
-
-    def _send_upstream(self, data: bytes) -> None:
-        if self.up_gone or self.u_close_sent:
-            return
-        if self.c_remaining:
-            self.u_later += data
-        else:
-            self.up.write(data)
-
-    def _flush_u_later(self) -> None:
-        data = self.u_later
-        self.u_later = b""
-        self._send_upstream(data)
-
-    def _at_client_boundary(self) -> None:
-        """A half-forwarded upstream frame just ended: send what waited for it."""
-        if self.c_later:
-            data = self.c_later
-            self.c_later = b""
-            if not self.client_gone and not self.c_close_sent:
-                self.transport.write(data)
-        if self.pending_close is not None:
-            code, reason = self.pending_close
-            self.pending_close = None
-            self.gateway_close(code, reason)
-
     # ------------------------------------------------- upstream -> client
     def from_upstream(self, data: bytes) -> None:
         self.u_seen = True
@@ -632,23 +605,24 @@ class Session(asyncio.Protocol):
         elif self.u_buf:
             data = self.u_buf + data
             self.u_buf = b""
-        if self.u_close_recv:
+        if self.upstream.received:
             return
         n = len(data)
         pos = 0
         start = 0
-        drop = self.c_close_sent or self.client_gone  # nothing more reaches a closing client
+        drop = self.client.sent  # nothing more reaches a closing client
         out = self.transport
         if self.u_remaining:
             take = self.u_remaining if self.u_remaining < n else n
             self.u_remaining -= take
             pos = take
-            if not self.u_remaining and (self.c_later or self.pending_close is not None):
+            if not self.u_remaining and (self.c_later or self.pending_close is not None or self.u_stop):
                 if not drop:
                     out.write(data[:pos])
                 start = pos
-                self._at_client_boundary()
-                drop = self.c_close_sent or self.client_gone
+                if self._at_client_boundary():
+                    return  # this upstream was let go: the rest of what it sent is not relayed
+                drop = self.client.sent
         while pos < n:
             b0 = data[pos]
             if b0 & 0x0F < 8 and pos + 2 <= n and data[pos + 1] < 126:
@@ -716,119 +690,183 @@ class Session(asyncio.Protocol):
             else:
                 out.write(chunk)
 
-    # ------------------------------------------------------------ closing
-    def _start_closing(self, code: int, reason: str, closer: str) -> None:
-        if self.closer is None:
-            self.closer = closer
-            self.close_code = code
-            self.close_reason = reason
-            self.state = advance(self.state, Event.CLOSE_STARTED)
-            self.close_timer = self.node.loop.call_later(self.node.limits.close_timeout_s, self._close_timeout)
+    # ------------------------------------------ frames the gateway sends itself
+    def send_message(self, opcode: int, payload: bytes) -> bool:
+        """Send one whole message to the client (sinks, management API)."""
+        return self.send_raw(frames.frame(opcode, payload))
 
-    def _client_close_frame(self, parsed: tuple[int, str]) -> None:
-        """A valid close frame arrived from the client (already forwarded if it should be)."""
-        self.c_close_recv = True
-        code, reason = parsed
-        if self.closer is None:
-            self._start_closing(code, reason, "client")
-        if self.up is None:
-            # A backend inside the gateway: echo (unless we started it) and finish.
-            if not self.c_close_sent:
-                self._send_client(frames.frame(OP_CLOSE, frames.close_payload(code) if code != 1005 else b""))
-                self.c_close_sent = True
-        elif self.closer == "gateway":
-            # The client answered our close; now close the upstream cleanly.
-            self._send_upstream_close(GOING_AWAY, "client closed")
-        else:
-            self.u_close_sent = True  # the client's own frame went upstream as it was
-        self._maybe_finish()
+    def send_raw(self, frame_bytes: bytes) -> bool:
+        """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
+        if self.client.sent or self.state is not State.OPEN:
+            return False
+        self.u_msgs += 1
+        self.u_bytes += len(frame_bytes)
+        self._send_client(frame_bytes)
+        return True
 
-    def _upstream_close_frame(self, parsed: tuple[int, str], raw: bytes) -> None:
-        self.u_close_recv = True
-        if self.fault_close is not None:
-            self.gateway_close(*self.fault_close)
-            self.fault_close = None
+    def _send_client(self, data: bytes) -> None:
+        """Frames the gateway writes to the client itself: only at a frame boundary."""
+        if self.client.sent:
             return
-        code, reason = parsed
-        if self.closer is None:
-            self._start_closing(code, reason, "upstream")
-        if not self.c_close_sent and not self.client_gone:
-            self.transport.write(raw)  # unmasked server frame: forwarded as it is
-        self.c_close_sent = True
-        if not self.u_close_sent:
-            # The upstream started it and the client is already closing (gateway
-            # close): answer the upstream ourselves.
-            if self.closer != "upstream":
-                self._send_upstream_close(code if code != 1005 else 1000, "")
-        self._maybe_finish()
-
-    def _send_upstream_close(self, code: int, reason: str) -> None:
-        if self.u_close_sent or self.up_gone:
-            return
-        self.u_close_sent = True
-        if self.c_remaining:
-            self.up.abort()  # mid-frame: a close frame now would corrupt the stream
-            return
-        self.up.write(frames.frame(OP_CLOSE, frames.close_payload(code, reason), mask=True))
-
-    def gateway_close(self, code: int, reason: str, *, at_once: bool = False) -> None:
-        """Close the session from the gateway: `code` to the client, 1001 upstream."""
-        if self.state is State.CLOSED or self.client_gone and self.up_gone:
-            return
-        if self.c_close_sent:
-            return
-        if self.u_remaining and not self.up_gone and not self.u_close_recv:
-            # A frame to the client is half forwarded and the upstream is still
-            # sending it: finish it, then close (RFC 6455 7.1.7 wants a close
-            # frame, and it can only go at a frame boundary).
-            self.pending_close = (code, reason)
-            if at_once:
-                self._closing_by_gateway(code, reason)
-                self._send_upstream_close(GOING_AWAY, "client error")
-            return
-        self._closing_by_gateway(code, reason)
         if self.u_remaining:
-            self._abort_client()  # mid-frame: a close frame now would corrupt the stream
+            self.c_later += data
         else:
-            if not self.client_gone:
-                self.transport.write(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
-            self.c_close_sent = True
-        if at_once:
-            # A fault: nothing further is relayed, the upstream is closed now.
-            self._send_upstream_close(GOING_AWAY, "client error")
-        self._maybe_finish()
+            self.transport.write(data)
 
-    def _closing_by_gateway(self, code: int, reason: str) -> None:
-        self._start_closing(code, reason, "gateway")
-        if self.closer == "gateway":
-            self.close_code = code
-            self.close_reason = reason
+    def _send_upstream(self, data: bytes) -> None:
+        if self.upstream.sent:
+            return
+        if self.c_remaining:
+            self.u_later += data
+        else:
+            self.up.write(data)
 
-    def _upstream_failed(self, why: str, upstream_code: int = GOING_AWAY) -> None:
-        log.warning("upstream failed", extra={"fields": {"event": "upstream_failed", "conn": self.id, "why": why}})
-        self._send_upstream_close(upstream_code, why)
-        self.u_close_recv = True
-        self.gateway_close(INTERNAL_ERROR, "upstream failed", at_once=True)
+    def _at_upstream_boundary(self) -> None:
+        """A half-forwarded client frame just ended: send what waited for it."""
+        if self.u_later:
+            data = self.u_later
+            self.u_later = b""
+            self._send_upstream(data)
+        if self.c_switch:
+            self._switch_client_stream()
 
-    def _maybe_finish(self) -> None:
-        if not self.client_gone and self.c_close_sent and self.c_close_recv:
-            self.transport.close()  # RFC 6455 7.1.1: the server closes the TCP connection
-        if not self.up_gone and self.u_close_sent and self.u_close_recv:
-            self.up.close()
+    def _at_client_boundary(self) -> bool:
+        """A half-forwarded upstream frame just ended: send what waited for it.
 
-    def _close_timeout(self) -> None:
-        self.close_timer = None
-        self._abort_client()
-        if not self.up_gone:
-            self.u_close_sent = self.u_close_recv = True
-            self.up.abort()
+        True when the upstream was let go here (its further bytes are not relayed).
+        """
+        if self.c_later:
+            data = self.c_later
+            self.c_later = b""
+            if not self.client.sent:
+                self.transport.write(data)
+        if self.pending_close is not None:
+            code, reason = self.pending_close
+            self.pending_close = None
+            self.gateway_close(code, reason)
+        if self.u_stop:
+            self._stop_upstream_stream()
+            return True
+        return False
 
-    def _abort_client(self) -> None:
-        """Cut the client socket; nothing more is written to it."""
-        self.c_close_sent = self.c_close_recv = True
-        if not self.client_gone:
-            self.transport.abort()
+    # ------------------------------------------------- detach / attach (seam)
+    def detach_upstream(self) -> asyncio.Future:
+        """Let go of the upstream connection at the next frame boundary of each stream.
 
+        The client stream switches to a hold (bounded by send_buffer_bytes) as
+        soon as no client frame is half forwarded; the upstream's stream stops
+        as soon as no upstream frame is half forwarded to the client. Then the
+        old connection gets a close (1001) and is closed, and the returned
+        future is done. Frames the gateway must send upstream wait with the
+        held ones. The session stays open; `attach_upstream` sends everything
+        held, in order, to the next upstream.
+
+        Frame boundaries, not message boundaries: a reattach policy that must
+        not split a fragmented message waits for one (`c_msg == 0`) itself.
+        """
+        if self.state is not State.OPEN or self.sink is not None or self.upstream.close is not Close.OPEN \
+                or self.client.close is not Close.OPEN:
+            raise InvalidTransition(f"detach in state {self.state.name} (upstream {self.upstream.close.name}, "
+                                    f"client {self.client.close.name})")
+        self.upstream.link_on(LinkEvent.DETACH)
+        waiter = self.detach_waiter = self.node.loop.create_future()
+        self.leaving = self.up
+        self.held = _Hold(self, self.limits.send_buffer_bytes)
+        self.c_switch = self.u_stop = True
+        if not self.c_remaining:
+            self._switch_client_stream()
+        if not self.u_remaining and self.leaving is not None:
+            self._stop_upstream_stream()
+        return waiter
+
+    def _switch_client_stream(self) -> None:
+        """At a client frame boundary: client frames go to the hold from here on."""
+        self.c_switch = False
+        if self.u_later:  # answers owed to the old upstream (pongs) go to it first
+            data = self.u_later
+            self.u_later = b""
+            self.up.write(data)
+        self.up = self.held
+        self.u_fd = -1
+        self._maybe_detached()
+
+    def _stop_upstream_stream(self) -> None:
+        """At an upstream frame boundary: nothing more of the old upstream reaches the client."""
+        self.u_stop = False
+        self.u_buf = b""  # an unfinished frame of which the client saw nothing
+        self.u_need = 0
+        # Its loss still fails the session until the client stream has switched too.
+        self.leaving.set_protocol(Side(self, _ignore, self.upstream_lost, False))
+        self._maybe_detached()
+
+    def _maybe_detached(self) -> None:
+        if self.c_switch or self.u_stop:
+            return
+        self.upstream.link_on(LinkEvent.AT_BOUNDARY)
+        old = self.leaving
+        self.leaving = None
+        old.set_protocol(_RETIRED)
+        old.write(frames.frame(OP_CLOSE, frames.close_payload(GOING_AWAY, "session moved"), mask=True))
+        old.close()
+        if self.endpoint is not None:
+            self.endpoint.active -= 1
+            self.endpoint = None
+        if self.stall_timer is not None and not self.stall_client:
+            # The old upstream's full buffer no longer holds the client back.
+            self.stall_timer.cancel()
+            self.stall_timer = None
+        if not self.held.paused and not self.client.gone:
+            self.transport.resume_reading()
+        waiter = self.detach_waiter
+        self.detach_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _drop_leaving(self) -> None:
+        """The upstream was lost (or cut) while detaching or detached: give the seam up."""
+        old = self.leaving
+        if old is not None:
+            self.leaving = None
+            old.set_protocol(_RETIRED)
+            old.abort()
+        self.c_switch = self.u_stop = False
+        held = self.held
+        if held is not None:
+            self.held = None
+            held.cut = True
+            if held.paused and not self.client.gone:
+                self.transport.resume_reading()
+        waiter = self.detach_waiter
+        self.detach_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("upstream lost while detaching"))
+
+    def attach_upstream(self, transport, leftover: bytes = b"", endpoint=None) -> None:
+        """Make `transport` (a dialled, paused upstream, e.g. from BackendPool.dial_any)
+        the session's upstream: what was held goes to it first, in order."""
+        held = self.held
+        if held is None or held.cut or self.upstream.gone or self.upstream.link is not Link.DETACHED:
+            raise InvalidTransition(f"attach in link state {self.upstream.link.name} "
+                                    f"(upstream {self.upstream.close.name})")
+        self.upstream.link_on(LinkEvent.ATTACH)
+        self.held = None
+        self.up = transport
+        transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
+        transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
+        if endpoint is not None:
+            self.endpoint = endpoint
+            endpoint.active += 1
+        self.u_seen = True
+        if not self.client.gone:
+            self.transport.resume_reading()  # before the flush, which may pause it again (stalled)
+        if held.buf:
+            transport.write(bytes(held.buf))
+        self.u_fd = _fileno(transport)
+        if leftover:
+            self.from_upstream(leftover)
+        transport.resume_reading()
+
+    # ------------------------------------------------------- backpressure
     def stalled(self, client_side: bool) -> None:
         """A peer's send buffer passed send_buffer_bytes: stop reading what feeds it.
 
@@ -836,25 +874,30 @@ class Session(asyncio.Protocol):
         stays full for stall_timeout_s has stopped reading and is closed (1013).
         """
         if client_side:
-            if self.up is not None and not self.up_gone:
+            if not self.upstream.gone:
                 self.up.pause_reading()
+                if self.leaving is not None:
+                    self.leaving.pause_reading()
             else:
                 self.transport.pause_reading()  # a sink answers what the client sends
-        elif not self.client_gone:
+        elif not self.client.gone:
             self.transport.pause_reading()
         if self.stall_timer is None and not self.closer:
-            self.stall_timer = self.node.loop.call_later(self.node.limits.stall_timeout_s, self.overflow, client_side)
+            self.stall_timer = self.node.loop.call_later(self.limits.stall_timeout_s, self.overflow, client_side)
+            self.stall_client = client_side
 
     def unstalled(self, client_side: bool) -> None:
         if self.stall_timer is not None:
             self.stall_timer.cancel()
             self.stall_timer = None
         if client_side:
-            if self.up is not None and not self.up_gone:
+            if not self.upstream.gone:
                 self.up.resume_reading()
-            elif not self.client_gone:
+                if self.leaving is not None:
+                    self.leaving.resume_reading()
+            elif not self.client.gone:
                 self.transport.resume_reading()
-        elif not self.client_gone:
+        elif not self.client.gone:
             self.transport.resume_reading()
 
     def overflow(self, client_side: bool) -> None:
@@ -862,75 +905,20 @@ class Session(asyncio.Protocol):
         self.stall_timer = None
         self.node.count_overflow(self, client_side)
         if client_side:
-            if not self.up_gone:
+            if not self.upstream.gone:
                 self.up.pause_reading()
             self.gateway_close(TRY_AGAIN_LATER, "slow consumer", at_once=True)
         else:
             self.transport.pause_reading()
             self.gateway_close(TRY_AGAIN_LATER, "backend not reading", at_once=True)
-            if not self.up_gone:
+            if not self.upstream.gone:
                 self.up.abort()
-
-    def pause_writing(self) -> None:
-        self.stalled(client_side=True)
-
-    def resume_writing(self) -> None:
-        self.unstalled(client_side=True)
-
-    def eof_received(self):
-        return False
-
-    def client_lost(self) -> None:
-        self.connection_lost(None)
-
-    def connection_lost(self, exc) -> None:
-        self.client_gone = True
-        self.c_fd = -1
-        if self.state is State.HANDSHAKE or self.state is State.CONNECTING or self.state is State.REFUSED:
-            # Gone before the upgrade (or refused). The connect task notices.
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            self._finish()
-            return
-        if not self.c_close_recv:
-            # Gone without a close frame: 1006 to our books, 1001 to the upstream.
-            if self.closer is None:
-                self._start_closing(1006, "", "client")
-            self._send_upstream_close(GOING_AWAY, "client went away")
-            self.c_close_recv = True
-        self._maybe_finish()
-        if self.up_gone:
-            self._finish()
-
-    def upstream_lost(self) -> None:
-        self.up_gone = True
-        self.u_fd = -1
-        if not self.u_close_recv:
-            self.u_close_recv = True
-            self.u_close_sent = True
-            if not self.c_close_sent:
-                code, reason = self.fault_close or (INTERNAL_ERROR, "upstream failed")
-                self.gateway_close(code, reason, at_once=True)
-        if self.client_gone:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self.state is State.CLOSED:
-            return
-        prior = self.state
-        self.state = advance(self.state, Event.LOST)
-        self.live = False
-        for t in (self.timer, self.life_timer, self.close_timer, self.expiry_timer, self.stall_timer):
-            if t is not None:
-                t.cancel()
-        self.timer = self.life_timer = self.close_timer = self.expiry_timer = self.stall_timer = None
-        self.node.session_closed(self, was_open=prior is State.OPEN or prior is State.CLOSING)
 
     # -------------------------------------------------------- housekeeping
     def _tick(self) -> None:
         """Every tick_s: flush counters, keepalive both ways, idle check."""
         node = self.node
+        lim = self.limits
         self.timer = None
         if self.state is not State.OPEN:
             return
@@ -942,10 +930,12 @@ class Session(asyncio.Protocol):
             self.quiet_ticks = 0
         else:
             self.quiet_ticks += 1
-            if self.quiet_ticks >= node.idle_ticks:
+            if self.quiet_ticks >= lim.idle_ticks:
                 self.gateway_close(GOING_AWAY, "idle timeout")
                 return
-        if node.ping_ticks and self.ticks % node.ping_ticks == 0:
+        if lim.ping_ticks and self.ticks % lim.ping_ticks == 0:
+            # Keepalive runs only with an upstream attached: none is owed to a held stream.
+            upstream = self.sink is None and self.upstream.link is Link.ATTACHED
             if self.ping_due:
                 # No byte from a peer for a whole ping interval after a ping.
                 if not self.c_seen:
@@ -953,12 +943,12 @@ class Session(asyncio.Protocol):
                     self._send_upstream_close(GOING_AWAY, "client keepalive timed out")
                     self._abort_client()
                     return
-                if self.up is not None and not self.u_seen:
+                if upstream and not self.u_seen:
                     self._upstream_failed("upstream keepalive timed out")
                     return
             self.c_seen = self.u_seen = False
             self.ping_due = True
             self._send_client(b"\x89\x00")
-            if self.up is not None:
+            if upstream:
                 self._send_upstream(b"\x89\x80\x00\x00\x00\x00")
-        self.timer = node.loop.call_later(node.tick_s, self._tick)
+        self.timer = node.loop.call_later(lim.tick_s, self._tick)

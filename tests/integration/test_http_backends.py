@@ -49,7 +49,9 @@ async def test_actions_split_across_two_backends_with_exact_requests(gateway, ht
     assert h["Gateway-Event"] == "message"
     assert h["Gateway-Route"] == "api"
     assert h["Gateway-Client-IP"] == "127.0.0.1"
-    assert h["Gateway-Connection-Id"] and h["Gateway-Session-Id"] == h["Gateway-Connection-Id"]
+    # A session is not a connection: each has its own id.
+    assert h["Gateway-Connection-Id"] and h["Gateway-Session-Id"]
+    assert h["Gateway-Session-Id"] != h["Gateway-Connection-Id"]
     assert not [k for k in h if k.lower().startswith("gateway-claim-")]     # auth: none
     assert orders.requests[2].headers["Content-Type"] == "application/octet-stream"
     # One connection: the same id at both backends.

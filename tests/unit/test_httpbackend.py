@@ -15,6 +15,7 @@ class Route:
 class FakeSession:
     def __init__(self, claims=None):
         self.id = "c1"
+        self.session_id = "s1"
         self.ip = "10.0.0.9"
         self.route = Route()
         self.claims = claims
@@ -37,7 +38,7 @@ def test_reply_opcode(ctype, body, op):
 
 def test_base_headers_without_claims():
     h = base_headers(FakeSession(None))
-    assert h == {"Gateway-Connection-Id": "c1", "Gateway-Session-Id": "c1", "Gateway-Route": "api",
+    assert h == {"Gateway-Connection-Id": "c1", "Gateway-Session-Id": "s1", "Gateway-Route": "api",
                  "Gateway-Client-IP": "10.0.0.9"}
 
 
