@@ -24,6 +24,7 @@ def rows(sizes: dict) -> list[tuple[str, str, str]]:
     rate = f"@ {r['rate']:,.0f} msg/s, {r['conns']} conns, {r['size']} B"
     out += [
         (f"**CPU us / relayed msg** {rate}", "rate", "proxy_us_per_msg"),
+        (f"of which user space (Python, uvloop) {rate}", "rate", "proxy_user_us_per_msg"),
         (f"Proxy CPU % of one core {rate}", "rate", "proxy_cpu_pct"),
         (f"**p50 latency (ms)** {rate}", "rate", "p50_ms"),
         (f"**p99 latency (ms)** {rate}", "rate", "p99_ms"),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from .loadgen import LoadGen, ensure_node_modules, merge_hist, percentile_ms
-from .targets import (HERE, TARGET_NAMES, TICKS, EchoBackend, Target, cpu_seconds, make_targets,
+from .targets import (HERE, TARGET_NAMES, TICKS, EchoBackend, Target, cpu_seconds, cpu_split, make_targets,
                       rss_kb)
 
 GEN_CORE, PROXY_CORE = "0", "1"
@@ -79,6 +79,7 @@ class Meter:
     """CPU seconds of the proxy, backend and generator process trees, plus wall time."""
 
     def __init__(self, target: Target, backend: Target, gen: LoadGen):
+        self.target = target
         self.parts = {"proxy": target, "backend": backend, "gen": gen}
         if not target.pids():  # direct: there is no proxy process
             del self.parts["proxy"]
@@ -86,7 +87,8 @@ class Meter:
 
     def read(self) -> dict:
         return {"t": time.monotonic(), "busy": machine_busy_seconds(),
-                **{k: cpu_seconds(v.pids()) for k, v in self.parts.items()}}
+                **{k: cpu_seconds(v.pids()) for k, v in self.parts.items()},
+                "proxy_split": cpu_split(self.target.pids()) if "proxy" in self.parts else (0.0, 0.0)}
 
     def stop(self) -> dict:
         end = self.read()
@@ -94,8 +96,12 @@ class Meter:
         used = {k: end[k] - self.start[k] for k in self.parts}
         # Everything else the machine did meanwhile (other jobs disturb the figures).
         used["other"] = max(0.0, end["busy"] - self.start["busy"] - sum(used.values()))
-        return {"wall_s": round(wall, 3), **{f"{k}_cpu_s": round(v, 3) for k, v in used.items()},
-                **{f"{k}_cpu_pct": round(100 * v / wall, 1) for k, v in used.items()}}
+        out = {"wall_s": round(wall, 3), **{f"{k}_cpu_s": round(v, 3) for k, v in used.items()},
+               **{f"{k}_cpu_pct": round(100 * v / wall, 1) for k, v in used.items()}}
+        if "proxy" in self.parts:
+            out["proxy_user_cpu_s"] = round(end["proxy_split"][0] - self.start["proxy_split"][0], 3)
+            out["proxy_sys_cpu_s"] = round(end["proxy_split"][1] - self.start["proxy_split"][1], 3)
+        return out
 
 
 def _checked(ready: list[dict], wanted: int) -> int:
@@ -135,6 +141,9 @@ async def run_echo(target: Target, backend: Target, *, conns: int, depth: int = 
            "p999_ms": percentile_ms(hist, 0.999), **cpu}
     if target.pids() and relayed:
         out["proxy_us_per_msg"] = round(cpu["proxy_cpu_s"] * 1e6 / relayed, 2)
+        # User space (Python, uvloop) apart from the kernel (loopback TCP): see cpu_split.
+        out["proxy_user_us_per_msg"] = round(cpu["proxy_user_cpu_s"] * 1e6 / relayed, 2)
+        out["proxy_sys_us_per_msg"] = round(cpu["proxy_sys_cpu_s"] * 1e6 / relayed, 2)
     out["backend_us_per_msg"] = round(cpu["backend_cpu_s"] * 1e6 / max(relayed, 1), 2)
     return out
 
@@ -252,7 +261,8 @@ async def run_targets(targets: list[Target], backend: EchoBackend, plan, reps: i
 
 
 def summary_line(res: dict) -> str:
-    keys = ("error", "lost", "closed_early", "msgs_per_s", "proxy_us_per_msg", "p50_ms", "p99_ms", "kb_per_session",
+    keys = ("error", "lost", "closed_early", "msgs_per_s", "proxy_us_per_msg", "proxy_user_us_per_msg", "p50_ms",
+            "p99_ms", "kb_per_session",
             "backend_kb_per_session", "conns_per_s", "gen_cpu_pct", "proxy_cpu_pct", "other_cpu_pct")
     return ", ".join(f"{k}={res[k]}" for k in keys if k in res)
 
@@ -295,7 +305,18 @@ def environment(args) -> dict:
         "counting": "one echo = 2 relayed messages (client->backend and backend->client); "
                     "proxy_us_per_msg = proxy CPU (utime+stime, process tree) / relayed messages",
         "quick": args.quick, "reps": args.reps,
+        "gateway_tree": str(args.gateway_tree) if args.gateway_tree else None,
+        "gateway_commit": _commit(args.gateway_tree or HERE.parent),
     }
+
+
+def _commit(tree: Path) -> str | None:
+    try:
+        p = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, timeout=10)
+        return p.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 async def main_async(args) -> dict:
@@ -326,7 +347,8 @@ async def main_async(args) -> dict:
         backend = EchoBackend([backend_port], core=GEN_CORE)
         await backend.start(tmp / "backend")
         try:
-            targets = make_targets(args.targets.split(","), [backend_port], PROXY_CORE, base=args.port_base)
+            targets = make_targets(args.targets.split(","), [backend_port], PROXY_CORE, base=args.port_base,
+                                   tree=args.gateway_tree)
             await run_targets(targets, backend, scenario_plan(sizes, names), args.reps, tmp, results,
                               args.wait_quiet)
         finally:
@@ -355,7 +377,8 @@ async def run_stretch(args, stretch: dict, tmp: Path, results: dict) -> None:
     await backend.start(tmp / "backend-stretch")
     try:
         names = [n for n in args.targets.split(",") if n in ("nginx", "gateway")]
-        targets = make_targets(names, ports, None, workers=stretch["workers"], base=args.port_base)
+        targets = make_targets(names, ports, None, workers=stretch["workers"], base=args.port_base,
+                               tree=args.gateway_tree)
         for t, name in zip(targets, names, strict=True):
             t.name = name  # same column as the single-worker figures, key "stretch_idle"
         plan = [("stretch_idle", {"conns": stretch["conns"]}, run_idle)]
@@ -385,6 +408,8 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="only redo latest.md, chart.png (and --update-doc) from OUT/latest.json")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
+    p.add_argument("--gateway-tree", type=Path,
+                   help="run the gateway from this source tree (a git worktree of another commit: A/B)")
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 1 if args.quick else 3

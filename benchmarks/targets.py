@@ -51,14 +51,23 @@ def process_tree(root: int) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """utime + stime of the given processes (all their threads), in seconds."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the given processes (all their threads), in seconds.
+
+    Apart, because a change to the gateway's Python moves utime while the
+    loopback TCP that dominates the total is stime, and noisier."""
+    user = system = 0
     for pid in pids:
         try:
             fields = _stat_fields(pid)
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, IndexError):
             pass
-    return total / TICKS
+    return user / TICKS, system / TICKS
 
 
 def rss_kb(pids: list[int]) -> int:
@@ -91,6 +100,7 @@ class Target:
 
     name = "target"
     ready_timeout = 20.0
+    cwd = ROOT  # where the process runs (the gateway: which source tree)
 
     def __init__(self, port: int, upstreams: list[int], core: str | None = "1", workers: int = 1):
         self.port, self.upstreams, self.core, self.workers = port, upstreams, core, workers
@@ -123,7 +133,7 @@ class Target:
         self.log = tmp / f"{self.name}.log"
         argv = pinned(self.argv(tmp), self.core)
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+            self.proc = subprocess.Popen(argv, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.ready_timeout
@@ -281,15 +291,17 @@ class Gateway(Target):
     # Extra keys for the ``limits`` mapping (the rate-limited target sets a token bucket).
     extra_limits = ""
 
-    def __init__(self, *args, admin_port: int, **kwargs):
+    def __init__(self, *args, admin_port: int, tree: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.admin_port = admin_port
+        # `python -m gateway` runs from this tree: another checkout (git worktree) for an A/B.
+        self.cwd = Path(tree) if tree is not None else ROOT
         if self.workers != 1:
             self.name = f"gateway-{self.workers}w"
 
     def unavailable(self) -> str | None:
-        if not (ROOT / "gateway" / "__main__.py").exists():
-            return "gateway not available (gateway/__main__.py does not exist yet)"
+        if not (self.cwd / "gateway" / "__main__.py").exists():
+            return f"gateway not available ({self.cwd}/gateway/__main__.py does not exist)"
         return None
 
     def argv(self, tmp: Path) -> list[str]:
@@ -328,20 +340,21 @@ class RateLimitedGateway(Gateway):
 
 
 def make_targets(names: list[str], backend_ports: list[int], core: str | None,
-                 workers: int | None = None, base: int = 18000) -> list[Target]:
+                 workers: int | None = None, base: int = 18000, tree: Path | None = None) -> list[Target]:
     """Build targets by name, listening on ``base`` + 2, 3, 4, 80 (admin ``base`` + 1090);
-    ``workers`` overrides the worker count (stretch run)."""
+    ``workers`` overrides the worker count (stretch run); the gateway runs from ``tree``
+    (default: this checkout)."""
     w = workers or 1
+    gw = {"admin_port": base + 1090, "tree": tree}
     factories = {
         "direct": lambda: Direct(0, backend_ports, None),
         "nginx": lambda: Nginx(base + 2, backend_ports, core, workers=w),
         "haproxy": lambda: HAProxy(base + 3, backend_ports, core),
         "naive": lambda: Naive(base + 4, backend_ports, core),
-        "gateway": lambda: Gateway(base + 80, backend_ports, core, workers=w, admin_port=base + 1090),
-        "gateway-ratelimited": lambda: RateLimitedGateway(base + 80, backend_ports, core, workers=w,
-                                                          admin_port=base + 1090),
+        "gateway": lambda: Gateway(base + 80, backend_ports, core, workers=w, **gw),
+        "gateway-ratelimited": lambda: RateLimitedGateway(base + 80, backend_ports, core, workers=w, **gw),
         # Two workers are not pinned: pinned to one core they could not scale.
-        "gateway-2w": lambda: Gateway(base + 80, backend_ports, None, workers=2, admin_port=base + 1090),
+        "gateway-2w": lambda: Gateway(base + 80, backend_ports, None, workers=2, **gw),
     }
     unknown = [n for n in names if n not in factories]
     if unknown:
