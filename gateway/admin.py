@@ -41,7 +41,7 @@ def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def build(node, on_drain, on_reload) -> web.Application:
+def build(node, cluster, on_drain, on_reload) -> web.Application:
     token = admin_token(node.config)
     expected = f"Bearer {token}".encode() if token else None
 
@@ -59,7 +59,11 @@ def build(node, on_drain, on_reload) -> web.Application:
     async def readyz(request):
         if node.draining:
             return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ready", "sessions": len(node.sessions)})
+        store = "unavailable" if cluster.store_down else "ok"
+        if store == "unavailable" and cluster.refuses_new():
+            # redis.on_outage: reject_new: new clients would get 503, so send them elsewhere.
+            return web.json_response({"status": "store unavailable", "store": store}, status=503)
+        return web.json_response({"status": "ready", "sessions": len(node.sessions), "store": store})
 
     async def metrics_page(request):
         return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8",
@@ -74,6 +78,6 @@ def build(node, on_drain, on_reload) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/v1/drain", drain)
-    management.add_routes(app, node)
+    management.add_routes(app, node, cluster)
     app[management.RELOAD] = on_reload
     return app

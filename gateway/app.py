@@ -10,10 +10,24 @@ import signal
 from aiohttp import web
 
 from . import admin, config as config_mod, metrics
+from .cluster import Cluster
 from .errors import ConfigError
-from .logs import event
 from .handshake import Handshake
+from .logs import event
 from .server import Node
+from .store import MemoryStore
+
+
+def make_store(cfg: config_mod.Config):
+    """The store the config names: Redis (a URL or a Sentinel set), or memory."""
+    r = cfg.redis
+    if r is None:
+        return MemoryStore()
+    from .store import RedisStore
+
+    sentinel = (r.sentinel.master, list(r.sentinel.addresses)) if r.sentinel is not None else None
+    return RedisStore(r.url, sentinel=sentinel, key_prefix=r.key_prefix, timeout_s=r.timeout_s,
+                      session_ttl_s=r.session_ttl_s)
 
 log = logging.getLogger("gateway")
 
@@ -26,6 +40,7 @@ class Gateway:
         self.reuse_port = reuse_port
         self.worker = worker
         self.node: Node | None = None
+        self.cluster: Cluster | None = None
         self.server: asyncio.AbstractServer | None = None
         self.runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
@@ -35,8 +50,16 @@ class Gateway:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
         node = self.node = Node(cfg, loop)
+        if self.worker is not None and cfg.node_id != "auto":
+            node.node_id = f"{cfg.node_id}-{self.worker}"   # each worker is a node of the cluster
+        cluster = self.cluster = Cluster(node, make_store(cfg), cfg.redis)
+        node.cluster = cluster
+        node.on_open = cluster.opened
+        node.on_close = cluster.closed
+        node.channels.observer = cluster
+        await cluster.start()
         await node.start_identity()
-        app = admin.build(node, self.drain_node, self.reload_node)
+        app = admin.build(node, cluster, self.drain_node, self.reload_node)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
@@ -70,9 +93,10 @@ class Gateway:
             metrics.config_reloads.labels("error").inc()
             event(log, "reload_failed", logging.ERROR, problems=exc.problems)
             return exc.problems
-        if (cfg.listen, cfg.admin, cfg.workers) != (self.cfg.listen, self.cfg.admin, self.cfg.workers):
+        if (cfg.listen, cfg.admin, cfg.workers, cfg.redis, cfg.node_id) != \
+                (self.cfg.listen, self.cfg.admin, self.cfg.workers, self.cfg.redis, self.cfg.node_id):
             event(log, "reload_needs_restart", logging.WARNING,
-                  detail="listen, admin and workers change only on restart; the rest was applied")
+                  detail="listen, admin, workers, node_id and redis change only on restart; the rest was applied")
         self.cfg = cfg
         metrics.config_reloads.labels("ok").inc()
         event(log, "reloaded", config=cfg.source)
@@ -92,6 +116,8 @@ class Gateway:
             self.server.close()
         drain = self.cfg.drain
         await node.shutdown(drain.timeout_s, drain.rate_per_s, drain.close_code)
+        if self.cluster is not None:
+            await self.cluster.stop()   # the closes' records, then this node, leave the store
         if self.runner is not None:
             await self.runner.cleanup()
         event(log, "stopped", node=node.node_id)

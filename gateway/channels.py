@@ -41,13 +41,16 @@ def parse_list(value: str) -> list[str]:
 class Channels:
     """Channel name -> member sessions (insertion ordered: presence lists join order)."""
 
-    __slots__ = ("members", "max_per_session", "published", "delivered")
+    __slots__ = ("members", "max_per_session", "published", "delivered", "observer")
 
-    def __init__(self, max_per_session: int = MAX_CHANNELS_PER_SESSION):
+    def __init__(self, max_per_session: int = MAX_CHANNELS_PER_SESSION, observer=None):
         self.members: dict[str, dict[object, None]] = {}
         self.max_per_session = max_per_session
         self.published = 0   # messages published to channels
         self.delivered = 0   # frames written to subscribers
+        # Told of every join and leave (`joined(session, name)`, `left(session, name)`):
+        # the cluster mirrors membership into the store.
+        self.observer = observer
 
     def subscribe(self, session, name: str) -> bool:
         """Join `name`. True if it was not a member already. Raises ChannelError."""
@@ -64,6 +67,8 @@ class Channels:
         if members is None:
             members = self.members[name] = {}
         members[session] = None
+        if self.observer is not None:
+            self.observer.joined(session, name)
         return True
 
     def unsubscribe(self, session, name: str) -> bool:
@@ -73,6 +78,8 @@ class Channels:
             return False
         mine.discard(name)
         self._remove(session, name)
+        if self.observer is not None:
+            self.observer.left(session, name)
         return True
 
     def drop(self, session) -> None:
@@ -83,6 +90,8 @@ class Channels:
         session.channels = None
         for name in mine:
             self._remove(session, name)
+            if self.observer is not None:
+                self.observer.left(session, name)
 
     def _remove(self, session, name: str) -> None:
         members = self.members.get(name)
@@ -91,8 +100,13 @@ class Channels:
             if not members:
                 del self.members[name]
 
-    def publish(self, name: str, opcode: int, payload: bytes, exclude=None) -> int:
-        """Send one message to every member; returns how many sessions took it."""
+    def publish(self, name: str, opcode: int, payload: bytes, exclude=None, *, held=None,
+                offset: int | None = None) -> int:
+        """Send one message to every member; returns how many sessions took it.
+
+        `held` maps members that are catching up on history to a list: their
+        copy is appended there as (offset, frame) instead of sent, and counted.
+        """
         members = self.members.get(name)
         self.published += 1
         if not members:
@@ -101,7 +115,12 @@ class Channels:
         n = 0
         # A copy: a write may end a session (and so change the members) under us.
         for s in list(members):
-            if s is not exclude and s.send_raw(frame):
+            if s is exclude:
+                continue
+            if held is not None and s in held:
+                held[s].append((offset, frame))
+                n += 1
+            elif s.send_raw(frame):
                 n += 1
         self.delivered += n
         return n

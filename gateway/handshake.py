@@ -132,6 +132,9 @@ class Handshake(asyncio.Protocol):
         h = head.headers
         if node.draining:
             raise Refusal(503, "node draining", metric="draining", headers=(("Retry-After", "5"),))
+        if node.cluster is not None and node.cluster.refuses_new():
+            raise Refusal(503, "session store unavailable", metric="store_unavailable",
+                          headers=(("Retry-After", "5"),))
         if node.per_ip.get(s.ip, 0) > lim.max_connections_per_ip:
             raise Refusal(429, "too many connections from this address", metric="per_ip_limit")
         if node.sockets > lim.max_connections:

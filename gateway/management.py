@@ -1,5 +1,11 @@
-"""The management API (DESIGN 6), one node: push to connections, users and
-channels; close a connection; subscribe it; presence; node record; reload.
+"""The management API (DESIGN 6), for the whole cluster: push to connections,
+users and channels; close a connection; subscribe it (optionally catching up
+on channel history); presence; history; node records; reload.
+
+Every call is answered by any node: gateway/cluster.py reaches sessions on
+other nodes through the store. A cluster-wide call while the store is
+unreachable answers 503, never a silent 0; a call for a session on this node
+is served locally even then.
 
 Registered on the admin aiohttp app by `add_routes(app, node)`; the token
 check is admin.py's middleware. Answers are JSON; errors are
@@ -18,7 +24,7 @@ from aiohttp import web
 
 from . import frames, metrics
 from .channels import check_name
-from .errors import ApiError, ChannelError
+from .errors import ApiError, ChannelError, StoreUnavailable
 from .httpbackend import reply_opcode
 from .logs import event
 from .session import State
@@ -83,23 +89,20 @@ def _channel(request: web.Request) -> str:
         raise ApiError(400, str(exc)) from None
 
 
-def _live_session(node, conn_id: str):
-    """The open session with this id; 410 if it ended (or is closing), 404 if never seen."""
-    s = node.sessions.get(conn_id)
+def _local_or_gone(node, cluster, conn_id: str):
+    """The open session on this node; 410 if it ended here recently (or is closing), None otherwise."""
+    s = cluster.local(conn_id)
     if s is not None and s.state is State.OPEN:
         return s
     gone = node.closed.get(conn_id)
     if s is not None or gone is not None:
         code = gone[0] if gone is not None else s.close_code
         raise ApiError(410, "connection closed", connection=conn_id, code=code)
-    raise ApiError(404, "unknown connection", connection=conn_id)
+    return None
 
 
-def _sessions_of(node, sub: str):
-    by_sub = getattr(node, "by_sub", None)
-    if by_sub is not None:
-        return list(by_sub.get(sub) or ())
-    return [s for s in node.sessions.values() if s.sub == sub]
+def _unavailable(exc: StoreUnavailable) -> ApiError:
+    return ApiError(503, "session store unreachable: cluster-wide answers need it; retry later")
 
 
 def session_record(node, s) -> dict:
@@ -107,7 +110,7 @@ def session_record(node, s) -> dict:
     sink = s.sink
     return {
         "connection": s.id,
-        "session": getattr(s, "session_id", None) or s.id,
+        "session": s.session_id,
         "node": node.node_id,
         "route": getattr(s.route, "name", None),
         "sub": s.sub,
@@ -123,28 +126,26 @@ def session_record(node, s) -> dict:
     }
 
 
-def node_record(node) -> dict:
-    return {
-        "id": node.node_id,
-        "state": "draining" if node.draining else "ready",
-        "connections": len(node.sessions),
-        "channels": len(node.channels.members),
-        "heartbeat_age_s": 0.0,   # this node answers for itself; a cluster store records heartbeats
-    }
-
-
-def add_routes(app: web.Application, node) -> None:
-    """Register the /v1 management endpoints on the admin app."""
+def add_routes(app: web.Application, node, cluster) -> None:
+    """Register the /v1 management endpoints on the admin app. Every answer is
+    the cluster's: `cluster` reaches sessions on other nodes through the store."""
 
     def cap() -> int:
         return node.limits.max_message_bytes
 
+    def session_id(request) -> str:
+        conn_id = request.match_info["id"]
+        if len(conn_id) > 128:
+            raise ApiError(400, "connection id too long (max 128 characters)")
+        return conn_id
+
     async def push_connection(request):
-        s = _live_session(node, request.match_info["id"])
+        conn_id = session_id(request)
+        _local_or_gone(node, cluster, conn_id)
         opcode, body = await read_message(request, cap())
         # Read the body first, then look again: the session may have ended meanwhile.
-        s = _live_session(node, s.id)
-        return web.json_response({"delivered": 1 if s.send_message(opcode, body) else 0})
+        _local_or_gone(node, cluster, conn_id)
+        return web.json_response(await cluster.send_to_connection(conn_id, opcode, body))
 
     async def close_connection(request):
         q = request.query
@@ -158,53 +159,72 @@ def add_routes(app: web.Application, node) -> None:
         reason = q.get("reason", "")
         if len(reason.encode("utf-8")) > 123:
             raise ApiError(400, "reason too long (max 123 bytes of UTF-8)")
-        s = _live_session(node, request.match_info["id"])
-        s.gateway_close(code, reason)
-        event(log, "closed_by_api", conn=s.id, code=code)
-        return web.json_response({"closed": True, "connection": s.id, "code": code})
+        conn_id = session_id(request)
+        _local_or_gone(node, cluster, conn_id)
+        answer = await cluster.close_connection(conn_id, code, reason)
+        event(log, "closed_by_api", conn=answer["connection"], code=code)
+        return web.json_response(answer)
 
     async def get_connection(request):
-        conn_id = request.match_info["id"]
-        s = node.sessions.get(conn_id)
+        conn_id = session_id(request)
+        s = cluster.local(conn_id)
         if s is not None:
             return web.json_response(session_record(node, s))
         gone = node.closed.get(conn_id)
         if gone is not None:
             raise ApiError(410, "connection closed", connection=conn_id, code=gone[0], reason=gone[1])
+        rec = await cluster.record_of(conn_id)
+        if rec is not None:
+            return web.json_response(rec)
         raise ApiError(404, "unknown connection", connection=conn_id)
 
     async def push_user(request):
         sub = request.match_info["sub"]
         opcode, body = await read_message(request, cap())
-        frame = frames.frame(opcode, body)
-        n = sum(1 for s in _sessions_of(node, sub) if s.send_raw(frame))
-        return web.json_response({"delivered": n})
+        return web.json_response(await cluster.send_to_user(sub, opcode, body))
 
     async def push_channel(request):
         name = _channel(request)
         opcode, body = await read_message(request, cap())
-        return web.json_response({"delivered": node.channels.publish(name, opcode, body)})
+        return web.json_response(await cluster.send_to_channel(name, opcode, body))
+
+    def since_epoch(request) -> tuple[int | None, str | None]:
+        q = request.query
+        raw = q.get("since")
+        epoch = q.get("epoch") or None
+        if raw is None:
+            if epoch is not None:
+                raise ApiError(400, "epoch needs since")
+            return None, None
+        if not raw.isdigit() or len(raw) > 18:
+            raise ApiError(400, f"since must be a whole number >= 0, not {raw[:40]!r}")
+        if epoch is not None and len(epoch) > 64:
+            raise ApiError(400, "epoch too long")
+        return int(raw), epoch
 
     async def subscribe(request):
         name = _channel(request)
-        s = _live_session(node, request.match_info["id"])
-        try:
-            changed = node.channels.subscribe(s, name)
-        except ChannelError as exc:
-            raise ApiError(400, str(exc)) from None
-        return web.json_response({"connection": s.id, "channel": name, "subscribed": True, "changed": changed})
+        conn_id = session_id(request)
+        _local_or_gone(node, cluster, conn_id)
+        since, epoch = since_epoch(request)
+        return web.json_response(await cluster.join(conn_id, name, since, epoch))
 
     async def unsubscribe(request):
         name = _channel(request)
-        s = _live_session(node, request.match_info["id"])
-        changed = node.channels.unsubscribe(s, name)
-        return web.json_response({"connection": s.id, "channel": name, "subscribed": False, "changed": changed})
+        conn_id = session_id(request)
+        _local_or_gone(node, cluster, conn_id)
+        return web.json_response(await cluster.leave(conn_id, name))
 
     async def presence(request):
-        return web.json_response(node.channels.presence(_channel(request)))
+        return web.json_response(await cluster.presence(_channel(request)))
+
+    async def history(request):
+        name = _channel(request)
+        since, epoch = since_epoch(request)
+        return web.json_response(await cluster.history(name, since or 0, epoch))
 
     async def nodes(request):
-        return web.json_response({"nodes": [node_record(node)]})
+        return web.json_response({"nodes": await cluster.nodes()})
 
     async def reload(request):
         problems = request.app[RELOAD]()
@@ -228,6 +248,9 @@ def add_routes(app: web.Application, node) -> None:
             return await handler(request)
         except ApiError as exc:
             return error(exc.status, exc.message, **exc.extra)
+        except StoreUnavailable as exc:
+            exc = _unavailable(exc)
+            return error(exc.status, exc.message)
         except web.HTTPMethodNotAllowed as exc:
             return error(405, f"method {request.method} not allowed here (allowed: "
                               f"{', '.join(sorted(exc.allowed_methods))})")
@@ -244,6 +267,7 @@ def add_routes(app: web.Application, node) -> None:
     r.add_put("/v1/connections/{id}/channels/{name}", subscribe)
     r.add_delete("/v1/connections/{id}/channels/{name}", unsubscribe)
     r.add_get("/v1/channels/{name}/presence", presence)
+    r.add_get("/v1/channels/{name}/history", history)
     r.add_get("/v1/nodes", nodes)
     r.add_post("/v1/reload", reload)
     r.add_post("/v1/backends/{name}/endpoints/drain", endpoint_drain)

@@ -132,6 +132,7 @@ class Node:
         self.draining = False
         # Hooks for what else follows sessions (the cluster's session store):
         # after a session went live and is registered; after it ended and left.
+        self.cluster = None   # set by app: the node's records in the store (cluster.Cluster)
         self.on_open = lambda session: None
         self.on_close = lambda session: None
 

@@ -251,12 +251,14 @@ async def test_push_to_every_session_of_a_subject(gateway, http, monkeypatch):
             assert (await ws.receive(timeout=5)).data == "for alice"
         await bob.send_str("ping")
         assert (await bob.receive(timeout=5)).data == "ping"        # bob got nothing before his echo
-        (sid,) = [s.id for s in gw.node.sessions.values() if s.sub == "bob"]
-        async with http.put(f"{gw.admin_url}/v1/connections/{sid}/channels/c") as r:
+        (s,) = [s for s in gw.node.sessions.values() if s.sub == "bob"]
+        async with http.put(f"{gw.admin_url}/v1/connections/{s.id}/channels/c") as r:
             assert r.status == 200
         async with http.get(gw.admin_url + "/v1/channels/c/presence") as r:
             p = await r.json()
-        assert p["subjects"] == ["bob"] and p["sessions"] == [{"session": sid, "connection": sid, "sub": "bob"}]
+        assert p["subjects"] == ["bob"]
+        assert p["sessions"] == [{"session": s.session_id, "connection": s.id, "sub": "bob", "node": gw.node.node_id}]
+        assert s.session_id != s.id
     finally:
         for ws in (a1, a2, bob):
             await ws.close()

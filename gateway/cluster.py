@@ -1,0 +1,634 @@
+"""This node's place in the cluster: its records in the store, the bus between
+nodes, the reaper of dead nodes, and the answers the management API gives for
+the whole cluster.
+
+Nothing here runs per relayed message. Session opens, closes, joins and
+leaves are queued as store ops and written in one batch every few
+milliseconds; the node record is written every heartbeat, and the session
+records' TTLs are refreshed in one pipeline every session_ttl_s / 3.
+
+A message for sessions on other nodes crosses the store's bus once per node
+that has a recipient (never once per recipient); each node delivers to its
+own sessions from its own indexes and answers with its count, so the
+`delivered` figure is the cluster's. A node that does not answer within
+redis.request_timeout_s is named in `unconfirmed_nodes`, never counted as 0
+silently.
+
+While the store is unreachable sessions keep relaying; nothing is queued
+for it (the op queue is dropped and the node marked dirty), and when the
+store returns the node rewrites its node record and every session record it
+holds (`Store.resync`), so what an outage costs is bounded by the node's own
+state, not by the outage's length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import itertools
+import logging
+import os
+import time
+
+import orjson
+
+from . import frames
+from .config import ChannelRule, Redis
+from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
+from .logs import event
+from .store import Delete, Leave, Put
+
+log = logging.getLogger("gateway.cluster")
+
+FLUSH_DELAY_S = 0.005        # coalesce store writes for this long
+MAX_PENDING_OPS = 100_000    # past this the queue is dropped and the node resyncs
+MAX_BACKOFF_S = 5.0
+
+
+class LostSession:
+    """A session of a dead node, rebuilt from its record, for its disconnect event."""
+
+    __slots__ = ("id", "session_id", "route", "ip", "claims", "sub", "sink_state", "close_code",
+                 "close_reason", "closer")
+
+    class _Route:
+        __slots__ = ("name",)
+
+        def __init__(self, name: str):
+            self.name = name
+
+    def __init__(self, rec: dict):
+        self.id = rec.get("connection") or rec["session"]
+        self.session_id = rec["session"]
+        self.route = self._Route(rec.get("route") or "")
+        self.ip = rec.get("ip") or ""
+        self.claims = rec.get("claims") or {}
+        self.sub = rec.get("sub")
+        self.sink_state = None
+        self.close_code = 1006
+        self.close_reason = "gateway node lost"
+        self.closer = "gateway"
+
+
+def channel_rule(rules: tuple[ChannelRule, ...], name: str) -> ChannelRule | None:
+    for rule in rules:
+        if fnmatch.fnmatchcase(name, rule.match):
+            return rule
+    return None
+
+
+def _pack(header: dict, payload: bytes = b"") -> bytes:
+    return orjson.dumps(header) + b"\n" + payload
+
+
+def _unpack(data: bytes) -> tuple[dict, bytes]:
+    head, _, payload = data.partition(b"\n")
+    return orjson.loads(head), payload
+
+
+class Cluster:
+    def __init__(self, node, store, settings: Redis | None):
+        self.node = node
+        self.store = store
+        self.settings = settings or Redis()
+        self.node_id = node.node_id
+        self.by_session: dict[str, object] = {}     # session id -> local session
+        self.started_at = time.time()
+        self._ops: list = []
+        self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._rids = itertools.count(1)
+        self._asks: dict[int, tuple[set[str], dict[str, dict], asyncio.Future]] = {}
+        # (channel, session) -> [(offset, frame)] while the session catches up on history
+        self._held: dict[str, dict[object, list]] = {}
+        self.dirty = False          # the store may not hold what this node holds: resync
+        self.store_down = False
+        self.last_heartbeat = 0.0
+        self.reaped_nodes = 0
+        self._mismatches = 0
+        self.lost_sessions = 0
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.store.start()
+        await self.store.listen(self.node_id, self._on_bus)
+        self._tasks = [asyncio.ensure_future(self._writer()), asyncio.ensure_future(self._heartbeats())]
+
+    async def stop(self) -> None:
+        """Write what is queued, take this node out of the store, stop."""
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            # Bounded: a task inside a Redis call that is failing over may take
+            # a while to notice its cancellation; exiting does not wait on it.
+            _, pending = await asyncio.wait(self._tasks, timeout=2)
+            if pending:
+                event(log, "cluster_stop_timeout", logging.WARNING, tasks=len(pending))
+        try:
+            await asyncio.wait_for(self._flush_and_leave(), 5)
+        except (StoreUnavailable, asyncio.TimeoutError):
+            pass
+        await self.store.close()
+
+    async def _flush_and_leave(self) -> None:
+        await self._flush()
+        await self.store.forget_node(self.node_id)
+
+    # ------------------------------------------------------------ records
+    def record(self, s) -> dict:
+        route = s.route
+        plan = self.node.routing.plans.get(route.name) if route is not None else None
+        disconnect = getattr(plan.disconnect, "name", None) if plan is not None and plan.disconnect else None
+        claims = s.claims or {}
+        forward = self.node.routing.forward_claims
+        return {
+            "session": s.session_id,
+            "connection": s.id,
+            "node": self.node_id,
+            "route": route.name if route is not None else None,
+            "sub": s.sub,
+            "ip": s.ip,
+            "endpoint": s.endpoint.url if s.endpoint is not None else None,
+            "backend": getattr(s.sink, "name", None) if s.endpoint is None else None,
+            "channels": sorted(s.channels or ()),
+            "state": "connected",
+            "opened_at": round(time.time() - (time.monotonic() - s.started), 3),
+            "claims": {k: claims[k] for k in forward if k in claims},
+            "events": {"disconnect": disconnect} if disconnect else None,
+        }
+
+    def opened(self, s) -> None:
+        self.by_session[s.session_id] = s
+        self._queue(Put(self.record(s)))
+
+    def closed(self, s) -> None:
+        self.by_session.pop(s.session_id, None)
+        self._queue(Delete(session=s.session_id, node=self.node_id, sub=s.sub))
+
+    # Channels observer: called by node.channels on every change.
+    def joined(self, s, name: str) -> None:
+        if s.session_id in self.by_session:
+            self._queue(Put(self.record(s)))
+
+    def left(self, s, name: str) -> None:
+        if s.session_id in self.by_session:
+            self._queue(Leave(session=s.session_id, channel=name))
+            if s.channels:
+                self._queue(Put(self.record(s)))
+
+    def _queue(self, op) -> None:
+        if self.dirty:
+            return  # the resync will write the node's whole state
+        if len(self._ops) >= MAX_PENDING_OPS:
+            self._ops.clear()
+            self.dirty = True
+            event(log, "store_queue_dropped", logging.WARNING, max_ops=MAX_PENDING_OPS)
+            return
+        self._ops.append(op)
+        self._wake.set()
+
+    @staticmethod
+    def compact(ops: list) -> list:
+        """Per session: a Delete supersedes everything before it; otherwise its
+        Leaves in order, then its last Put."""
+        by_sid: dict[str, list] = {}
+        for op in ops:
+            sid = op.record["session"] if isinstance(op, Put) else op.session
+            by_sid.setdefault(sid, []).append(op)
+        out = []
+        for seq in by_sid.values():
+            last = seq[-1]
+            if isinstance(last, Delete):
+                out.append(last)
+                continue
+            puts = [op for op in seq if isinstance(op, Put)]
+            out += [op for op in seq if not isinstance(op, Put)]
+            if puts:
+                out.append(puts[-1])
+        return out
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(FLUSH_DELAY_S)
+            self._wake.clear()
+            try:
+                await self._flush()
+            except StoreUnavailable:
+                self._store_failed()
+
+    async def _flush(self) -> None:
+        async with self._write_lock:
+            if not self._ops:
+                return
+            ops = self.compact(self._ops)
+            self._ops = []
+            await self.store.write(ops)
+
+    async def flush_now(self) -> None:
+        """Write what is queued before answering: an API change is in the store
+        when its answer leaves, so the next call on any node sees it."""
+        try:
+            await self._flush()
+        except StoreUnavailable:
+            self._store_failed()
+
+    def _store_failed(self) -> None:
+        self._ops.clear()
+        self.dirty = True
+        if not self.store_down:
+            self.store_down = True
+            event(log, "store_unavailable", logging.ERROR, node=self.node_id)
+
+    def node_record(self) -> dict:
+        node = self.node
+        return {
+            "id": self.node_id,
+            "state": "draining" if node.draining else "ready",
+            "connections": len(node.sessions),
+            "channels": len(node.channels.members),
+            "pid": os.getpid(),
+            "started_at": round(self.started_at, 3),
+            "heartbeat_at": round(time.time(), 3),
+        }
+
+    async def _heartbeats(self) -> None:
+        st = self.settings
+        refresh_every = st.session_ttl_s / 3
+        next_refresh = time.monotonic() + refresh_every
+        backoff = 0.1
+        while True:
+            try:
+                if self.dirty:
+                    await self._resync()
+                refresh = None
+                now = time.monotonic()
+                if now >= next_refresh:
+                    refresh = (list(self.by_session), st.session_ttl_s)
+                    next_refresh = now + refresh_every
+                await self.store.heartbeat(self.node_record(), st.node_ttl_s, refresh=refresh)
+                self.last_heartbeat = time.monotonic()
+                if self.store_down:
+                    self.store_down = False
+                    event(log, "store_available", node=self.node_id)
+                backoff = 0.1
+                await self._self_check()
+                await self._reap()
+                await asyncio.sleep(st.heartbeat_s)
+            except StoreUnavailable:
+                self._store_failed()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S, st.heartbeat_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat failed", extra={"fields": {"event": "heartbeat_error"}})
+                await asyncio.sleep(st.heartbeat_s)
+
+    async def _self_check(self) -> None:
+        """Does the store hold as many sessions for this node as it has? Records
+        can be lost behind the node's back: a Sentinel failover (replication is
+        asynchronous), a FLUSHALL, or other nodes reaping this one during a
+        network partition. Two mismatches in a row (one may be a batch in
+        flight) and the node rewrites its records."""
+        if self._ops or self.dirty:
+            self._mismatches = 0
+            return
+        held = await self.store.node_session_count(self.node_id)
+        if held == len(self.by_session):
+            self._mismatches = 0
+            return
+        self._mismatches += 1
+        if self._mismatches >= 2:
+            event(log, "store_out_of_step", logging.WARNING, node=self.node_id, store_holds=held,
+                  node_holds=len(self.by_session))
+            self._mismatches = 0
+            self.dirty = True
+
+    async def _resync(self) -> None:
+        async with self._write_lock:
+            self._ops.clear()
+            self.dirty = False
+            records = [self.record(s) for s in self.by_session.values()]
+            try:
+                await self.store.resync(self.node_id, records)
+            except StoreUnavailable:
+                self.dirty = True
+                raise
+        event(log, "store_resynced", node=self.node_id, sessions=len(records))
+
+    # ------------------------------------------------------------ dead nodes
+    async def _reap(self) -> None:
+        st = self.settings
+        for dead in await self.store.expired_nodes(st.node_ttl_s):
+            if dead == self.node_id:
+                continue
+            # One node cleans up; the claim outlives the work by a margin.
+            if not await self.store.claim(f"reap:{dead}", max(30.0, st.node_ttl_s * 2)):
+                continue
+            sids = await self.store.node_sessions(dead)
+            events = 0
+            for sid in sids:
+                rec = await self.store.take_session(sid)
+                if rec is not None and self._send_lost_disconnect(rec):
+                    events += 1
+            await self.store.forget_node(dead)
+            self.reaped_nodes += 1
+            self.lost_sessions += len(sids)
+            event(log, "node_reaped", logging.WARNING, dead_node=dead, sessions=len(sids), disconnects=events)
+
+    def _send_lost_disconnect(self, rec: dict) -> bool:
+        """The disconnect event of a session whose node died. take_session gave
+        this record to exactly one node, so the event goes out once."""
+        backend = (rec.get("events") or {}).get("disconnect")
+        sink = self.node.routing.sinks.get(backend) if backend else None
+        if sink is None or not hasattr(sink, "disconnect"):
+            return False
+        sink.disconnect(LostSession(rec))
+        return True
+
+    # ------------------------------------------------------------ the bus
+    async def _ask(self, nodes, header: dict, payload: bytes = b"") -> tuple[dict[str, dict], list[str]]:
+        """Send one request to each node; returns (answers by node, nodes that did not answer)."""
+        want = set(nodes)
+        if not want:
+            return {}, []
+        rid = next(self._rids)
+        got: dict[str, dict] = {}
+        done = asyncio.get_running_loop().create_future()
+        self._asks[rid] = (want, got, done)
+        data = _pack({**header, "rid": rid, "from": self.node_id}, payload)
+        try:
+            for n in list(want):
+                if await self.store.publish(n, data) == 0:
+                    want.discard(n)   # nobody listens there: the node is gone
+                    got[n] = {"gone": True}
+            if want - set(got):
+                try:
+                    await asyncio.wait_for(asyncio.shield(done), self.settings.request_timeout_s)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._asks.pop(rid, None)
+        answered = {n: a for n, a in got.items() if not a.get("gone")}
+        missing = sorted(n for n in nodes if n not in answered)
+        return answered, missing
+
+    async def _on_bus(self, data: bytes) -> None:
+        try:
+            header, payload = _unpack(data)
+        except (ValueError, orjson.JSONDecodeError):
+            event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
+            return
+        op = header.get("op")
+        if op == "reply":
+            entry = self._asks.get(header.get("rid"))
+            if entry is not None:
+                want, got, done = entry
+                got[header.get("node")] = header
+                if want <= set(got) and not done.done():
+                    done.set_result(None)
+            return
+        try:
+            answer = await self._execute(op, header, payload)
+        except ApiError as exc:
+            answer = {"status": exc.status, "error": exc.message, **exc.extra}
+        except Exception:
+            log.exception("bus request failed", extra={"fields": {"event": "bus_error", "op": op}})
+            answer = {"status": 500, "error": "internal error"}
+        reply = _pack({"op": "reply", "rid": header.get("rid"), "node": self.node_id, **answer})
+        try:
+            await self.store.publish(header.get("from"), reply)
+        except StoreUnavailable:
+            pass
+
+    async def _execute(self, op: str, h: dict, payload: bytes) -> dict:
+        """What another node asked this one to do, on this node's own sessions."""
+        node = self.node
+        if op == "sub":
+            frame = frames.frame(h["opcode"], payload)
+            return {"n": sum(1 for s in list(node.by_sub.get(h["sub"]) or ()) if s.send_raw(frame))}
+        if op == "chan":
+            return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"))}
+        s = self.local(h["id"])
+        if s is None:
+            raise ApiError(404, "unknown connection", connection=h["id"])
+        if op == "conn":
+            return {"n": 1 if s.send_message(h["opcode"], payload) else 0}
+        if op == "close":
+            s.gateway_close(h["code"], h["reason"])
+            return {"n": 1, "connection": s.id}
+        if op == "join":
+            answer = await self._join_local(s, h["chan"], h.get("since"), h.get("epoch"))
+            await self.flush_now()
+            return answer
+        if op == "leave":
+            changed = node.channels.unsubscribe(s, h["chan"])
+            await self.flush_now()
+            return {"changed": changed, "connection": s.id}
+        raise ApiError(400, f"unknown bus op {op!r}")
+
+    # ------------------------------------------------------------ local parts
+    def local(self, any_id: str):
+        """The open session on this node with this connection or session id."""
+        s = self.node.sessions.get(any_id)
+        if s is None:
+            s = self.by_session.get(any_id)
+        return s
+
+    def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None) -> int:
+        held = self._held.get(name)
+        return self.node.channels.publish(name, opcode, payload, held=held, offset=offset)
+
+    async def _join_local(self, s, name: str, since: int | None, epoch: str | None) -> dict:
+        channels = self.node.channels
+        if since is None:
+            try:
+                changed = channels.subscribe(s, name)
+            except ChannelError as exc:
+                raise ApiError(400, str(exc)) from None
+            return {"changed": changed, "connection": s.id}
+        # Catch up: join first with new messages held, then send what the
+        # history has after `since`, then what was held that the history did
+        # not already hold. In order, nothing twice, nothing skipped.
+        held = self._held.setdefault(name, {})
+        held[s] = []
+        try:
+            try:
+                changed = channels.subscribe(s, name)
+            except ChannelError as exc:
+                raise ApiError(400, str(exc)) from None
+            page = await self._history(name, since, epoch)
+            last = since
+            for entry in page.entries:
+                s.send_message(entry.opcode, entry.payload)
+                last = entry.offset
+            for offset, frame in held.get(s, ()):
+                if offset is None or offset > last:
+                    s.send_raw(frame)
+            return {"changed": changed, "connection": s.id, "replayed": len(page.entries),
+                    "offset": max(last, page.offset), "epoch": page.epoch}
+        finally:
+            held.pop(s, None)
+            if not held:
+                self._held.pop(name, None)
+
+    async def _history(self, name: str, since: int, epoch: str | None):
+        rule = channel_rule(self.node.config.channels, name)
+        if rule is None or rule.history is None:
+            raise ApiError(400, f"channel {name!r} keeps no history (see 'channels' in the config)")
+        try:
+            return await self.store.history_since(name, since, epoch, rule.history.size)
+        except HistoryError as exc:
+            which = "epoch changed" if exc.status == 409 else "offset trimmed"
+            raise ApiError(exc.status, f"history cannot be served whole: {which}", epoch=exc.epoch,
+                           offset=exc.offset) from None
+
+    # ------------------------------------------------------------ cluster answers
+    async def _where(self, any_id: str) -> dict | None:
+        rec = await self.store.get_session(any_id)
+        if rec is None:
+            sid = await self.store.session_of_connection(any_id)
+            if sid is not None:
+                rec = await self.store.get_session(sid)
+        return rec
+
+    async def _remote(self, any_id: str, header: dict, payload: bytes = b"") -> dict:
+        rec = await self._where(any_id)
+        if rec is None:
+            raise ApiError(404, "unknown connection", connection=any_id)
+        answers, missing = await self._ask([rec["node"]], {**header, "id": rec["session"]}, payload)
+        if missing:
+            raise ApiError(504, "the node holding this connection did not answer", connection=any_id,
+                           node=rec["node"])
+        answer = answers[rec["node"]]
+        if "status" in answer:
+            raise ApiError(answer["status"], answer.get("error", "failed"), connection=any_id)
+        return answer
+
+    async def send_to_connection(self, any_id: str, opcode: int, payload: bytes) -> dict:
+        s = self.local(any_id)
+        if s is not None:
+            return {"delivered": 1 if s.send_message(opcode, payload) else 0}
+        answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
+        return {"delivered": answer.get("n", 0)}
+
+    async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
+        s = self.local(any_id)
+        if s is not None:
+            s.gateway_close(code, reason)
+            return {"closed": True, "connection": s.id, "code": code}
+        answer = await self._remote(any_id, {"op": "close", "code": code, "reason": reason})
+        return {"closed": True, "connection": answer.get("connection", any_id), "code": code}
+
+    async def join(self, any_id: str, name: str, since: int | None, epoch: str | None) -> dict:
+        s = self.local(any_id)
+        if s is not None:
+            answer = await self._join_local(s, name, since, epoch)
+            await self.flush_now()
+        else:
+            answer = await self._remote(any_id, {"op": "join", "chan": name, "since": since, "epoch": epoch})
+        out = {"connection": answer.get("connection", any_id), "channel": name, "subscribed": True,
+               "changed": answer.get("changed")}
+        for k in ("replayed", "offset", "epoch"):
+            if k in answer:
+                out[k] = answer[k]
+        return out
+
+    async def leave(self, any_id: str, name: str) -> dict:
+        s = self.local(any_id)
+        if s is not None:
+            changed = self.node.channels.unsubscribe(s, name)
+            await self.flush_now()
+            return {"connection": s.id, "channel": name, "subscribed": False, "changed": changed}
+        answer = await self._remote(any_id, {"op": "leave", "chan": name})
+        return {"connection": answer.get("connection", any_id), "channel": name, "subscribed": False,
+                "changed": answer.get("changed")}
+
+    async def record_of(self, any_id: str) -> dict | None:
+        rec = await self._where(any_id)
+        if rec is not None:
+            rec = {k: v for k, v in rec.items() if k not in ("v", "kind", "claims", "events")}
+        return rec
+
+    async def send_to_user(self, sub: str, opcode: int, payload: bytes) -> dict:
+        # This node's own indexes are authoritative for its sessions; the store
+        # names the other nodes that hold one.
+        nodes = set((await self.store.subject_sessions(sub)).values())
+        nodes.discard(self.node_id)
+        frame = frames.frame(opcode, payload)
+        n = sum(1 for s in list(self.node.by_sub.get(sub) or ()) if s.send_raw(frame))
+        answers, missing = await self._ask(nodes, {"op": "sub", "sub": sub, "opcode": opcode}, payload)
+        n += sum(a.get("n", 0) for a in answers.values())
+        return self._counted(n, missing)
+
+    async def send_to_channel(self, name: str, opcode: int, payload: bytes) -> dict:
+        offset = epoch = None
+        rule = channel_rule(self.node.config.channels, name)
+        if rule is not None and rule.history is not None:
+            offset, epoch = await self.store.history_append(name, opcode, payload, rule.history.size,
+                                                            rule.history.ttl_s)
+        members = await self.store.channel_members(name)
+        nodes = {m.get("node") for m in members.values()}
+        nodes.discard(self.node_id)
+        n = self._fan_out(name, opcode, payload, offset)
+        answers, missing = await self._ask(nodes, {"op": "chan", "chan": name, "opcode": opcode,
+                                                   "offset": offset}, payload)
+        n += sum(a.get("n", 0) for a in answers.values())
+        out = self._counted(n, missing)
+        if offset is not None:
+            out["offset"] = offset
+            out["epoch"] = epoch
+        return out
+
+    @staticmethod
+    def _counted(n: int, missing: list[str]) -> dict:
+        out = {"delivered": n}
+        if missing:
+            out["unconfirmed_nodes"] = missing
+        return out
+
+    async def presence(self, name: str) -> dict:
+        members = await self.store.channel_members(name)
+        # Members on this node come from its own indexes (current to the
+        # moment); the store answers for the other nodes.
+        sessions = [{"session": s.session_id, "connection": s.id, "sub": s.sub, "node": self.node_id}
+                    for s in self.node.channels.members.get(name) or ()]
+        sessions += [{"session": sid, "connection": m.get("conn"), "sub": m.get("sub"), "node": m.get("node")}
+                     for sid, m in sorted(members.items(), key=lambda kv: (kv[1].get("node") or "", kv[0]))
+                     if m.get("node") != self.node_id]
+        subjects = sorted({m["sub"] for m in sessions if m["sub"] is not None})
+        return {"channel": name, "count": len(sessions), "sessions": sessions, "subjects": subjects}
+
+    async def history(self, name: str, since: int, epoch: str | None) -> dict:
+        page = await self._history(name, since, epoch)
+        return {"channel": name, "epoch": page.epoch, "offset": page.offset,
+                "messages": [{"offset": e.offset, "type": "text" if e.opcode == frames.OP_TEXT else "binary",
+                              "data": e.payload.decode("utf-8") if e.opcode == frames.OP_TEXT
+                              else e.payload.hex()} for e in page.entries]}
+
+    async def nodes(self) -> list[dict]:
+        out = []
+        for rec, age in await self.store.nodes():
+            if rec is None:
+                continue   # expired: the reaper takes it out of the set
+            rec = {k: v for k, v in rec.items() if k not in ("v", "kind")}
+            rec["heartbeat_age_s"] = round(max(0.0, age), 3)
+            out.append(rec)
+        if not any(r["id"] == self.node_id for r in out):
+            # This node answers for itself even when the store has not seen it yet.
+            mine = self.node_record()
+            mine["heartbeat_age_s"] = None
+            mine["store"] = "unreachable" if self.store_down else "pending"
+            out.append(mine)
+        out.sort(key=lambda r: r["id"])
+        return out
+
+    def refuses_new(self) -> bool:
+        """redis.on_outage: reject_new, and the store is down: new sessions get 503."""
+        return self.store_down and self.settings.on_outage == "reject_new"
+
+    def store_status(self) -> dict:
+        return {"store": type(self.store).__name__, "available": not self.store_down,
+                "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 3) if self.last_heartbeat else None}
