@@ -32,7 +32,7 @@ import time
 
 import orjson
 
-from . import frames
+from . import frames, metrics
 from .config import ChannelRule, Redis
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
@@ -111,6 +111,7 @@ class Cluster:
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        metrics.store_available.set(1)
         await self.store.start()
         await self.store.listen(self.node_id, self._on_bus)
         self._tasks = [asyncio.ensure_future(self._writer()), asyncio.ensure_future(self._heartbeats())]
@@ -239,6 +240,7 @@ class Cluster:
         self.dirty = True
         if not self.store_down:
             self.store_down = True
+            metrics.store_available.set(0)
             event(log, "store_unavailable", logging.ERROR, node=self.node_id)
 
     def node_record(self) -> dict:
@@ -271,6 +273,7 @@ class Cluster:
                 self.last_heartbeat = time.monotonic()
                 if self.store_down:
                     self.store_down = False
+                    metrics.store_available.set(1)
                     event(log, "store_available", node=self.node_id)
                 backoff = 0.1
                 await self._self_check()
@@ -316,6 +319,7 @@ class Cluster:
             except StoreUnavailable:
                 self.dirty = True
                 raise
+        metrics.store_resyncs.inc()
         event(log, "store_resynced", node=self.node_id, sessions=len(records))
 
     # ------------------------------------------------------------ dead nodes
@@ -336,6 +340,8 @@ class Cluster:
             await self.store.forget_node(dead)
             self.reaped_nodes += 1
             self.lost_sessions += len(sids)
+            metrics.nodes_reaped.labels("nodes").inc()
+            metrics.nodes_reaped.labels("sessions").inc(len(sids))
             event(log, "node_reaped", logging.WARNING, dead_node=dead, sessions=len(sids), disconnects=events)
 
     def _send_lost_disconnect(self, rec: dict) -> bool:
@@ -373,6 +379,11 @@ class Cluster:
             self._asks.pop(rid, None)
         answered = {n: a for n, a in got.items() if not a.get("gone")}
         missing = sorted(n for n in nodes if n not in answered)
+        op = header.get("op", "?")
+        if answered:
+            metrics.bus_requests.labels(op, "answered").inc(len(answered))
+        if missing:
+            metrics.bus_requests.labels(op, "unanswered").inc(len(missing))
         return answered, missing
 
     async def _on_bus(self, data: bytes) -> None:

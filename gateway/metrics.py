@@ -37,6 +37,14 @@ resumes = Counter("gateway_resumes_total", "Sessions resumed")
 reattaches = Counter("gateway_reattaches_total", "Sessions moved to another upstream endpoint")
 replayed = Counter("gateway_replayed_messages_total", "Messages replayed after resume")
 config_reloads = Counter("gateway_config_reloads_total", "Config reloads", ["result"])
+store_available = Gauge("gateway_store_available", "1 while the session store (Redis) answers, 0 during an outage",
+                        **({"multiprocess_mode": "min"} if MULTIPROC else {}))
+store_resyncs = Counter("gateway_store_resyncs_total",
+                        "Times this node rewrote all its records (after an outage or a lost write)")
+nodes_reaped = Counter("gateway_nodes_reaped_total", "Dead nodes this node cleaned up, and their sessions",
+                       ["what"])
+bus_requests = Counter("gateway_cluster_requests_total",
+                       "Requests this node sent to other nodes through the store's bus", ["op", "result"])
 draining = Gauge("gateway_draining", "1 while this node drains", **({"multiprocess_mode": "max"} if MULTIPROC else {}))
 
 

@@ -221,6 +221,8 @@ async def test_redis_outage_keeps_sessions_and_answers_503(gateway, redis_server
     assert status == 503 and "store" in body["error"]
     status, body = await api(http, g1, "GET", "/v1/channels/room/presence")
     assert status == 503
+    async with http.get(g1.admin_url + "/metrics") as resp:
+        assert "gateway_store_available 0.0" in await resp.text()
     # A session on the node that takes the call is still reached.
     status, body = await api(http, g1, "POST", f"/v1/connections/{conn}/messages", data="local")
     assert (status, body) == (200, {"delivered": 1})
@@ -235,6 +237,9 @@ async def test_redis_outage_keeps_sessions_and_answers_503(gateway, redis_server
     status, body = await api(http, g2, "POST", "/v1/users/erin/messages", data="back")
     assert (status, body) == (200, {"delivered": 1})
     assert (await ws2.receive(timeout=5)).data == "back"
+    async with http.get(g1.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    assert "gateway_store_available 1.0" in text and "gateway_store_resyncs_total" in text
     for w in (ws, ws2):
         await w.close()
 
