@@ -32,7 +32,8 @@ class Chat:
       {"action": "who",   "room": "lobby"}              -> {"event":"presence","room":"lobby","members":[WHO,...]}
     WHO is the JWT subject, or the connection id on routes without auth.
     Anything else gets {"event":"error","error":"..."}. A room is an ordinary
-    channel, so `POST /v1/channels/lobby/messages` speaks into it too. Joins
+    channel, so `POST /v1/channels/lobby/messages` speaks into it too, and a
+    room spans every node of the cluster (`who` lists this node's members). Joins
     and leaves are not announced: with thousands in a room that would be a
     message storm; `who` asks.
     """
@@ -74,7 +75,12 @@ class Chat:
                 return self._error(session, "'text' must be a string")
             if room not in mine:
                 return self._error(session, f"join {room!r} first")
-            channels.publish(room, OP_TEXT, _dump({"event": "message", "room": room, "from": who, "text": text}))
+            message = _dump({"event": "message", "room": room, "from": who, "text": text})
+            cluster = session.node.cluster
+            if cluster is not None:
+                cluster.publish_later(room, OP_TEXT, message)   # every member on every node, in order
+            else:
+                channels.publish(room, OP_TEXT, message)
         elif action == "leave":
             channels.unsubscribe(session, room)
             session.send_message(OP_TEXT, _dump({"event": "left", "room": room}))

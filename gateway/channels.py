@@ -131,7 +131,7 @@ class Channels:
 
     def presence(self, name: str) -> dict:
         members = self.members.get(name) or {}
-        sessions = [{"session": s.id, "connection": s.id, "sub": s.sub} for s in members]
+        sessions = [{"session": s.session_id, "connection": s.id, "sub": s.sub} for s in members]
         subjects = sorted({s.sub for s in members if s.sub is not None})
         return {"channel": name, "count": len(sessions), "sessions": sessions, "subjects": subjects}
 

@@ -24,6 +24,7 @@ state, not by the outage's length.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fnmatch
 import itertools
 import logging
@@ -43,6 +44,7 @@ log = logging.getLogger("gateway.cluster")
 FLUSH_DELAY_S = 0.005        # coalesce store writes for this long
 MAX_PENDING_OPS = 100_000    # past this the queue is dropped and the node resyncs
 MAX_BACKOFF_S = 5.0
+MAX_OUTBOX = 10_000          # channel messages from in-gateway publishers waiting for the store
 
 
 class LostSession:
@@ -102,6 +104,11 @@ class Cluster:
         self._asks: dict[int, tuple[set[str], dict[str, dict], asyncio.Future]] = {}
         # (channel, session) -> [(offset, frame)] while the session catches up on history
         self._held: dict[str, dict[object, list]] = {}
+        # Channel messages published inside the gateway (the chat builtin), sent
+        # in order by one task: history, this node's members, the other nodes.
+        self._outbox: collections.deque = collections.deque()
+        self._outbox_wake = asyncio.Event()
+        self.outbox_dropped = 0
         self.dirty = False          # the store may not hold what this node holds: resync
         self.store_down = False
         self.last_heartbeat = 0.0
@@ -114,7 +121,8 @@ class Cluster:
         metrics.store_available.set(1)
         await self.store.start()
         await self.store.listen(self.node_id, self._on_bus)
-        self._tasks = [asyncio.ensure_future(self._writer()), asyncio.ensure_future(self._heartbeats())]
+        self._tasks = [asyncio.ensure_future(self._writer()), asyncio.ensure_future(self._heartbeats()),
+                       asyncio.ensure_future(self._outbox_loop())]
 
     async def stop(self) -> None:
         """Write what is queued, take this node out of the store, stop."""
@@ -401,6 +409,10 @@ class Cluster:
                 if want <= set(got) and not done.done():
                     done.set_result(None)
             return
+        if header.get("rid") is None:
+            if op == "chan":
+                self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"))
+            return
         try:
             answer = await self._execute(op, header, payload)
         except ApiError as exc:
@@ -574,7 +586,7 @@ class Cluster:
         n += sum(a.get("n", 0) for a in answers.values())
         return self._counted(n, missing)
 
-    async def send_to_channel(self, name: str, opcode: int, payload: bytes) -> dict:
+    async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
         offset = epoch = None
         rule = channel_rule(self.node.config.channels, name)
         if rule is not None and rule.history is not None:
@@ -584,14 +596,47 @@ class Cluster:
         nodes = {m.get("node") for m in members.values()}
         nodes.discard(self.node_id)
         n = self._fan_out(name, opcode, payload, offset)
-        answers, missing = await self._ask(nodes, {"op": "chan", "chan": name, "opcode": opcode,
-                                                   "offset": offset}, payload)
+        header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
+        if not confirm:
+            data = _pack({**header, "from": self.node_id}, payload)   # no rid: no answer wanted
+            for other in nodes:
+                await self.store.publish(other, data)
+            return {"delivered": n}
+        answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch
         return out
+
+    def publish_later(self, name: str, opcode: int, payload: bytes) -> None:
+        """A channel message from inside the gateway (chat): cluster-wide, in
+        the order given, without waiting. Bounded: past MAX_OUTBOX waiting
+        messages (a store much slower than the room) the newest is delivered to
+        this node's members only, and counted."""
+        if len(self._outbox) >= MAX_OUTBOX:
+            self.outbox_dropped += 1
+            self.node.channels.publish(name, opcode, payload)
+            if self.outbox_dropped in (1, 100, 10_000):
+                event(log, "channel_outbox_full", logging.WARNING, channel=name, dropped=self.outbox_dropped)
+            return
+        self._outbox.append((name, opcode, payload))
+        self._outbox_wake.set()
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            await self._outbox_wake.wait()
+            self._outbox_wake.clear()
+            while self._outbox:
+                name, opcode, payload = self._outbox.popleft()
+                try:
+                    await self.send_to_channel(name, opcode, payload, confirm=False)
+                except StoreUnavailable:
+                    # The other nodes cannot be reached now; this node's members still hear it.
+                    self.node.channels.publish(name, opcode, payload)
+                except Exception:
+                    log.exception("channel publish failed", extra={"fields": {"event": "channel_publish_error"}})
 
     @staticmethod
     def _counted(n: int, missing: list[str]) -> dict:

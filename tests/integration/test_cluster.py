@@ -322,3 +322,29 @@ async def test_sentinel_failover_moves_the_cluster_to_the_new_master(gateway, se
     print(f"failover: API answered again {gap:.1f} s after the master was killed")
     for w in (ws, ws2):
         await w.close()
+
+
+async def test_a_chat_room_spans_nodes_in_order(gateway, redis_server, http):
+    import orjson
+
+    cfg = {"backends": {"chat": {"type": "builtin", "handler": "chat"}},
+           "routes": [{"name": "chat", "match": {"path": "/chat"}, "auth": "none", "select": "$.action",
+                       "actions": {"join": "chat", "say": "chat"}}]}
+    nodes = [await gateway(node_config(f"c{i}", redis_server.url, **cfg)) for i in (1, 2)]
+    clients = []
+    for gw in nodes:
+        ws = await http.ws_connect(f"{gw.url}/chat")
+        await ws.send_str('{"action":"join","room":"lobby"}')
+        assert orjson.loads((await ws.receive(timeout=5)).data)["event"] == "joined"
+        clients.append(ws)
+
+    async def both_present() -> bool:
+        return (await api(http, nodes[0], "GET", "/v1/channels/lobby/presence"))[1]["count"] == 2
+    await eventually_async(both_present)
+    for i in range(20):
+        await clients[0].send_str(orjson.dumps({"action": "say", "room": "lobby", "text": f"t{i}"}).decode())
+    for ws in clients:   # the speaker's own node and the other one: all 20, in order, once
+        got = [orjson.loads((await ws.receive(timeout=5)).data)["text"] for _ in range(20)]
+        assert got == [f"t{i}" for i in range(20)]
+    for ws in clients:
+        await ws.close()

@@ -13,6 +13,7 @@ from gateway.channels import Channels, ChannelError, RecentlyClosed, check_name,
 class FakeSession:
     def __init__(self, sid: str, sub: str | None = None, open_: bool = True):
         self.id = sid
+        self.session_id = "s-" + sid
         self.sub = sub
         self.channels = None
         self.open = open_
@@ -91,7 +92,7 @@ def test_presence_lists_sessions_and_subjects():
     p = ch.presence("r")
     assert p["count"] == 3
     assert p["subjects"] == ["alice"]
-    assert p["sessions"][0] == {"session": "c1", "connection": "c1", "sub": "alice"}
+    assert p["sessions"][0] == {"session": "s-c1", "connection": "c1", "sub": "alice"}
 
 
 def test_parse_list():
@@ -110,3 +111,34 @@ def test_recently_closed_is_bounded_by_count_and_time():
     assert rc.get("c4") is None
     rc.add("new", 4000, "bye")
     assert len(rc) == 1 and rc.get("new") == (4000, "bye")
+
+
+def test_observer_hears_every_join_and_leave():
+    heard = []
+
+    class Observer:
+        def joined(self, s, name):
+            heard.append(("join", s.id, name))
+
+        def left(self, s, name):
+            heard.append(("leave", s.id, name))
+
+    ch = Channels(observer=Observer())
+    a = FakeSession("a")
+    ch.subscribe(a, "x")
+    ch.subscribe(a, "x")          # already a member: nothing to tell
+    ch.subscribe(a, "y")
+    ch.unsubscribe(a, "x")
+    ch.unsubscribe(a, "x")        # not a member any more
+    ch.drop(a)
+    assert heard == [("join", "a", "x"), ("join", "a", "y"), ("leave", "a", "x"), ("leave", "a", "y")]
+
+
+def test_publish_holds_frames_for_members_catching_up():
+    ch = Channels()
+    a, b = FakeSession("a"), FakeSession("b")
+    ch.subscribe(a, "x")
+    ch.subscribe(b, "x")
+    held = {b: []}
+    assert ch.publish("x", 1, b"m", held=held, offset=7) == 2
+    assert len(a.got) == 1 and b.got == [] and held[b] == [(7, a.got[0])]
