@@ -102,6 +102,26 @@ class ApiError(GatewayError):
         super().__init__(f"{status} {message}")
 
 
+class UpstreamRefused(GatewayError):
+    """The endpoint answered the upgrade with an HTTP status (not 101)."""
+
+    def __init__(self, status: int):
+        self.status = status
+        super().__init__(status)
+
+
+class NoBackendAvailable(GatewayError):
+    """No endpoint of the pool answered the upgrade."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        super().__init__(f"no endpoint of backend {backend!r} answered")
+
+
+class ReplyTooLarge(GatewayError):
+    """An HTTP backend's reply body went past limits.max_message_bytes."""
+
+
 class StoreUnavailable(GatewayError):
     """The session store (Redis) cannot be reached right now."""
 

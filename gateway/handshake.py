@@ -15,11 +15,10 @@ import logging
 import time
 
 from . import auth, frames, http1, httpbackend
-from .errors import POLICY_VIOLATION, Refusal
+from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
 from .relay import Session, log as session_log
 from .routing import strip_query, upstream_target
 from .session import Event, State, advance
-from .upstream import NoBackendAvailable, UpstreamRefused
 
 log = logging.getLogger("gateway.handshake")
 

@@ -36,7 +36,7 @@ from yarl import URL
 from . import frames
 from .auth import forward_claim_headers
 from .channels import ChannelError, parse_list
-from .errors import TRY_AGAIN_LATER, Refusal
+from .errors import TRY_AGAIN_LATER, Refusal, ReplyTooLarge
 from .frames import OP_BINARY, OP_TEXT
 from .session import State
 from .upstream import BackendPool
@@ -161,10 +161,6 @@ def reply_opcode(content_type: str | None, body: bytes) -> int:
         if not (mime.startswith("text/") or mime == "application/json" or mime.endswith("+json")):
             return OP_BINARY
     return OP_TEXT if frames.text_is_valid(body) else OP_BINARY
-
-
-class ReplyTooLarge(Exception):
-    pass
 
 
 async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from . import frames, http1, metrics
 from .config import Backend
+from .errors import NoBackendAvailable, UpstreamRefused
 from .logs import event
 
 log = logging.getLogger("gateway.upstream")
@@ -179,22 +180,6 @@ class BackendPool:
                 ep.healthy = False
                 log.warning("endpoint unhealthy", extra={"fields": {"event": "endpoint_unhealthy",
                                                                     "backend": self.name, "endpoint": ep.url}})
-
-
-class UpstreamRefused(Exception):
-    """The endpoint answered the upgrade with an HTTP status (not 101)."""
-
-    def __init__(self, status: int):
-        self.status = status
-        super().__init__(status)
-
-
-class NoBackendAvailable(Exception):
-    """No endpoint of the pool answered the upgrade."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-        super().__init__(f"no endpoint of backend {backend!r} answered")
 
 
 _client_tls: ssl.SSLContext | None = None

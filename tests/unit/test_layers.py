@@ -136,3 +136,20 @@ def test_the_checker_sees_a_cycle(tmp_path):
     assert internal_imports("b", tmp_path / "b.py", known) == {"a"}
     (tmp_path / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import z\n")
     assert internal_imports("c", tmp_path / "c.py", known | {"c"}) == set()
+
+
+def test_every_exception_lives_in_errors():
+    """One exception tree (STYLE.md): a class deriving from an exception is defined in errors.py."""
+    import builtins
+
+    tree = ast.parse((PKG / "errors.py").read_text())
+    ours = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    builtin_errors = {name for name, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    for name, path in modules().items():
+        if name == "errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                assert not bases & (ours | builtin_errors), \
+                    f"gateway/{path.relative_to(PKG)}: class {node.name} is an exception; define it in errors.py"
