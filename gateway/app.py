@@ -57,15 +57,22 @@ class Gateway:
         node.on_open = cluster.opened
         node.on_close = cluster.closed
         node.channels.observer = cluster
+        app = admin.build(node, cluster, self.drain_node, self.reload_node)   # refuses an open admin API
         await cluster.start()
-        await node.start_identity()
-        app = admin.build(node, cluster, self.drain_node, self.reload_node)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
-        await site.start()
-        self.server = await loop.create_server(lambda: Handshake(node), cfg.listen.host, cfg.listen.port,
-                                               reuse_port=self.reuse_port or None, backlog=4096)
+        try:
+            await node.start_identity()
+            self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, cfg.admin.host, cfg.admin.port, reuse_port=self.reuse_port or None)
+            await site.start()
+            self.server = await loop.create_server(lambda: Handshake(node), cfg.listen.host, cfg.listen.port,
+                                                   reuse_port=self.reuse_port or None, backlog=4096)
+        except BaseException:
+            # A port in use, say: leave no heartbeat behind claiming this node is up.
+            await cluster.stop()
+            if self.runner is not None:
+                await self.runner.cleanup()
+            raise
         node.start()
         listen_port = self.server.sockets[0].getsockname()[1]
         admin_port = site._server.sockets[0].getsockname()[1]

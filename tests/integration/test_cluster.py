@@ -348,3 +348,26 @@ async def test_a_chat_room_spans_nodes_in_order(gateway, redis_server, http):
         assert got == [f"t{i}" for i in range(20)]
     for ws in clients:
         await ws.close()
+
+
+async def test_a_node_that_cannot_bind_leaves_no_record(gateway, redis_server, http):
+    import socket
+
+    from gateway import config as config_mod
+    from gateway.app import Gateway
+    import yaml
+
+    g1 = await gateway(node_config("b1", redis_server.url))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cfg = node_config("b2", redis_server.url)
+        cfg.update(listen={"host": "127.0.0.1", "port": taken.getsockname()[1]}, admin={"host": "127.0.0.1", "port": 0})
+        gw = Gateway(config_mod.parse(yaml.safe_dump(cfg), source="b2.yaml"))
+        with pytest.raises(OSError):
+            await gw.start()
+    finally:
+        taken.close()
+    status, body = await api(http, g1, "GET", "/v1/nodes")
+    assert [n["id"] for n in body["nodes"]] == ["b1"]
