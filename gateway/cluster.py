@@ -398,6 +398,8 @@ class Cluster:
         try:
             header, payload = _unpack(data)
         except (ValueError, orjson.JSONDecodeError):
+            header = None
+        if type(header) is not dict:
             event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
             return
         op = header.get("op")
@@ -409,9 +411,13 @@ class Cluster:
                 if want <= set(got) and not done.done():
                     done.set_result(None)
             return
-        if header.get("rid") is None:
+        if header.get("rid") is None or not isinstance(header.get("from"), str):
+            # A message that wants no answer: a chat room's line from another node.
             if op == "chan":
-                self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"))
+                try:
+                    self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"))
+                except (KeyError, TypeError, ValueError):
+                    event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
             return
         try:
             answer = await self._execute(op, header, payload)

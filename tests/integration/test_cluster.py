@@ -371,3 +371,24 @@ async def test_a_node_that_cannot_bind_leaves_no_record(gateway, redis_server, h
         taken.close()
     status, body = await api(http, g1, "GET", "/v1/nodes")
     assert [n["id"] for n in body["nodes"]] == ["b1"]
+
+
+async def test_garbage_on_a_nodes_bus_hurts_nobody(three, redis_server, http):
+    import redis.asyncio as aioredis
+
+    g1, g2, _ = three
+    ws, conn = await open_client(http, g2, "ivy")
+    await known_everywhere(http, [g1], conn)
+    r = aioredis.from_url(redis_server.url)
+    try:
+        for junk in (b"not json", b"\xff\xfe\n", b'{"op":"chan"}\n', b'{"op":"chan","chan":1}\nx',
+                     b'{"op":"conn","rid":1,"from":"n1"}\n', b'{"op":"nosuch","rid":2,"from":"n1","id":"x"}\n',
+                     b'[1,2]\n', b'{"op":"reply","rid":"x"}\n'):
+            assert await r.publish("gw:bus:n2", junk) == 1
+    finally:
+        await r.aclose()
+    status, body = await api(http, g1, "POST", f"/v1/connections/{conn}/messages", data="still fine")
+    assert (status, body) == (200, {"delivered": 1})
+    assert (await ws.receive(timeout=5)).data == "still fine"
+    await nothing_more(ws)
+    await ws.close()
