@@ -392,3 +392,24 @@ async def test_garbage_on_a_nodes_bus_hurts_nobody(three, redis_server, http):
     assert (await ws.receive(timeout=5)).data == "still fine"
     await nothing_more(ws)
     await ws.close()
+
+
+async def test_a_channel_message_crosses_redis_once_per_node_not_per_recipient(three, http):
+    from gateway import metrics
+
+    g1, g2, g3 = three
+    clients = [await open_client(http, g2, f"u{i}") for i in range(5)] + [await open_client(http, g3, "w")]
+    for _, conn in clients:
+        status, _ = await api(http, g1, "PUT", f"/v1/connections/{conn}/channels/news")
+        assert status == 200
+    answered = metrics.bus_requests.labels("chan", "answered")
+    before = answered._value.get()
+    status, body = await api(http, g1, "POST", "/v1/channels/news/messages", data="once")
+    assert (status, body) == (200, {"delivered": 6})
+    # Six recipients on two other nodes: two requests crossed the bus (the metric
+    # is process-wide, and these three nodes share the process).
+    assert answered._value.get() - before == 2
+    for ws, _ in clients:
+        assert (await ws.receive(timeout=5)).data == "once"
+        await nothing_more(ws)
+        await ws.close()
