@@ -675,6 +675,8 @@ class Cluster:
         for rec, age in await self.store.nodes():
             if rec is None:
                 continue   # expired: the reaper takes it out of the set
+            if rec.get("id") == self.node_id:
+                rec = self.node_record()   # this node's own figures are current, not a heartbeat old
             rec = {k: v for k, v in rec.items() if k not in ("v", "kind")}
             rec["heartbeat_age_s"] = round(max(0.0, age), 3)
             out.append(rec)

@@ -141,6 +141,7 @@ async def test_pushes_channels_presence_and_users_across_three_nodes(three, http
     status, body = await api(http, g1, "GET", "/v1/nodes")
     assert status == 200 and [n["id"] for n in body["nodes"]] == ["n1", "n2", "n3"]
     assert all(n["state"] == "ready" and n["heartbeat_age_s"] < 5 for n in body["nodes"])
+    assert body["nodes"][0]["connections"] == 1   # the answering node's own count is current
 
     status, body = await api(http, g1, "DELETE", f"/v1/connections/{a2_id}?code=4001&reason=bye")
     assert status == 200 and body["closed"]
