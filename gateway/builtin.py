@@ -78,7 +78,7 @@ class Chat:
             message = _dump({"event": "message", "room": room, "from": who, "text": text})
             cluster = session.node.cluster
             if cluster is not None:
-                cluster.publish_later(room, OP_TEXT, message)   # every member on every node, in order
+                cluster.delivery.publish_later(room, OP_TEXT, message)   # every member on every node, in order
             else:
                 channels.publish(room, OP_TEXT, message)
         elif action == "leave":

@@ -1,6 +1,6 @@
-"""This node's place in the cluster: its records in the store, the bus between
-nodes, the reaper of dead nodes, and the answers the management API gives for
-the whole cluster.
+"""This node's place in the cluster: its records in the store, its heartbeat,
+the reaper of dead nodes, and what it does while the store is down. What
+crosses to other nodes (pushes, joins, closes) is gateway/delivery.py.
 
 Nothing here runs per relayed message. Session opens, closes, joins and
 leaves are queued as store ops and written in one batch every few
@@ -24,18 +24,14 @@ state, not by the outage's length.
 from __future__ import annotations
 
 import asyncio
-import collections
-import fnmatch
-import itertools
 import logging
 import os
 import time
 
-import orjson
-
-from . import frames, metrics
-from .config import ChannelRule, Redis
-from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
+from . import metrics
+from .config import Redis
+from .delivery import Delivery
+from .errors import StoreUnavailable
 from .logs import event
 from .store import Delete, Leave, Put
 
@@ -44,7 +40,6 @@ log = logging.getLogger("gateway.cluster")
 FLUSH_DELAY_S = 0.005        # coalesce store writes for this long
 MAX_PENDING_OPS = 100_000    # past this the queue is dropped and the node resyncs
 MAX_BACKOFF_S = 5.0
-MAX_OUTBOX = 10_000          # channel messages from in-gateway publishers waiting for the store
 
 
 class LostSession:
@@ -72,22 +67,6 @@ class LostSession:
         self.closer = "gateway"
 
 
-def channel_rule(rules: tuple[ChannelRule, ...], name: str) -> ChannelRule | None:
-    for rule in rules:
-        if fnmatch.fnmatchcase(name, rule.match):
-            return rule
-    return None
-
-
-def _pack(header: dict, payload: bytes = b"") -> bytes:
-    return orjson.dumps(header) + b"\n" + payload
-
-
-def _unpack(data: bytes) -> tuple[dict, bytes]:
-    head, _, payload = data.partition(b"\n")
-    return orjson.loads(head), payload
-
-
 class Cluster:
     def __init__(self, node, store, settings: Redis | None):
         self.node = node
@@ -100,29 +79,19 @@ class Cluster:
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
-        self._rids = itertools.count(1)
-        self._asks: dict[int, tuple[set[str], dict[str, dict], asyncio.Future]] = {}
-        # (channel, session) -> [(offset, frame)] while the session catches up on history
-        self._held: dict[str, dict[object, list]] = {}
-        # Channel messages published inside the gateway (the chat builtin), sent
-        # in order by one task: history, this node's members, the other nodes.
-        self._outbox: collections.deque = collections.deque()
-        self._outbox_wake = asyncio.Event()
-        self.outbox_dropped = 0
         self.dirty = False          # the store may not hold what this node holds: resync
         self.store_down = False
         self.last_heartbeat = 0.0
-        self.reaped_nodes = 0
         self._mismatches = 0
-        self.lost_sessions = 0
+        self.delivery = Delivery(self)   # what crosses to other nodes: pushes, joins, closes
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         metrics.store_available.set(1)
         await self.store.start()
-        await self.store.listen(self.node_id, self._on_bus)
+        await self.store.listen(self.node_id, self.delivery.on_bus)
         self._tasks = [asyncio.ensure_future(self._writer()), asyncio.ensure_future(self._heartbeats()),
-                       asyncio.ensure_future(self._outbox_loop())]
+                       asyncio.ensure_future(self.delivery.outbox_loop())]
 
     async def stop(self) -> None:
         """Write what is queued, take this node out of the store, stop."""
@@ -346,8 +315,6 @@ class Cluster:
                 if rec is not None and self._send_lost_disconnect(rec):
                     events += 1
             await self.store.forget_node(dead)
-            self.reaped_nodes += 1
-            self.lost_sessions += len(sids)
             metrics.nodes_reaped.labels("nodes").inc()
             metrics.nodes_reaped.labels("sessions").inc(len(sids))
             event(log, "node_reaped", logging.WARNING, dead_node=dead, sessions=len(sids), disconnects=events)
@@ -361,314 +328,6 @@ class Cluster:
             return False
         sink.disconnect(LostSession(rec))
         return True
-
-    # ------------------------------------------------------------ the bus
-    async def _ask(self, nodes, header: dict, payload: bytes = b"") -> tuple[dict[str, dict], list[str]]:
-        """Send one request to each node; returns (answers by node, nodes that did not answer)."""
-        want = set(nodes)
-        if not want:
-            return {}, []
-        rid = next(self._rids)
-        got: dict[str, dict] = {}
-        done = asyncio.get_running_loop().create_future()
-        self._asks[rid] = (want, got, done)
-        data = _pack({**header, "rid": rid, "from": self.node_id}, payload)
-        try:
-            for n in list(want):
-                if await self.store.publish(n, data) == 0:
-                    want.discard(n)   # nobody listens there: the node is gone
-                    got[n] = {"gone": True}
-            if want - set(got):
-                try:
-                    await asyncio.wait_for(asyncio.shield(done), self.settings.request_timeout_s)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            self._asks.pop(rid, None)
-        answered = {n: a for n, a in got.items() if not a.get("gone")}
-        missing = sorted(n for n in nodes if n not in answered)
-        op = header.get("op", "?")
-        if answered:
-            metrics.bus_requests.labels(op, "answered").inc(len(answered))
-        if missing:
-            metrics.bus_requests.labels(op, "unanswered").inc(len(missing))
-        return answered, missing
-
-    async def _on_bus(self, data: bytes) -> None:
-        try:
-            header, payload = _unpack(data)
-        except (ValueError, orjson.JSONDecodeError):
-            header = None
-        if type(header) is not dict:
-            event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
-            return
-        op = header.get("op")
-        if op == "reply":
-            entry = self._asks.get(header.get("rid"))
-            if entry is not None:
-                want, got, done = entry
-                got[header.get("node")] = header
-                if want <= set(got) and not done.done():
-                    done.set_result(None)
-            return
-        if header.get("rid") is None or not isinstance(header.get("from"), str):
-            # A message that wants no answer: a chat room's line from another node.
-            if op == "chan":
-                try:
-                    self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"))
-                except (KeyError, TypeError, ValueError):
-                    event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
-            return
-        try:
-            answer = await self._execute(op, header, payload)
-        except ApiError as exc:
-            answer = {"status": exc.status, "error": exc.message, **exc.extra}
-        except Exception:
-            log.exception("bus request failed", extra={"fields": {"event": "bus_error", "op": op}})
-            answer = {"status": 500, "error": "internal error"}
-        reply = _pack({"op": "reply", "rid": header.get("rid"), "node": self.node_id, **answer})
-        try:
-            await self.store.publish(header.get("from"), reply)
-        except StoreUnavailable:
-            pass
-
-    async def _execute(self, op: str, h: dict, payload: bytes) -> dict:
-        """What another node asked this one to do, on this node's own sessions."""
-        node = self.node
-        if op == "sub":
-            frame = frames.frame(h["opcode"], payload)
-            return {"n": sum(1 for s in list(node.by_sub.get(h["sub"]) or ()) if s.send_raw(frame))}
-        if op == "chan":
-            return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"))}
-        s = self.local(h["id"])
-        if s is None:
-            raise ApiError(404, "unknown connection", connection=h["id"])
-        if op == "conn":
-            return {"n": 1 if s.send_message(h["opcode"], payload) else 0}
-        if op == "close":
-            s.gateway_close(h["code"], h["reason"])
-            return {"n": 1, "connection": s.id}
-        if op == "join":
-            answer = await self._join_local(s, h["chan"], h.get("since"), h.get("epoch"))
-            await self.flush_now()
-            return answer
-        if op == "leave":
-            changed = node.channels.unsubscribe(s, h["chan"])
-            await self.flush_now()
-            return {"changed": changed, "connection": s.id}
-        raise ApiError(400, f"unknown bus op {op!r}")
-
-    # ------------------------------------------------------------ local parts
-    def local(self, any_id: str):
-        """The open session on this node with this connection or session id."""
-        s = self.node.sessions.get(any_id)
-        if s is None:
-            s = self.by_session.get(any_id)
-        return s
-
-    def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None) -> int:
-        held = self._held.get(name)
-        return self.node.channels.publish(name, opcode, payload, held=held, offset=offset)
-
-    async def _join_local(self, s, name: str, since: int | None, epoch: str | None) -> dict:
-        channels = self.node.channels
-        if since is None:
-            try:
-                changed = channels.subscribe(s, name)
-            except ChannelError as exc:
-                raise ApiError(400, str(exc)) from None
-            return {"changed": changed, "connection": s.id}
-        # Catch up: join first with new messages held, then send what the
-        # history has after `since`, then what was held that the history did
-        # not already hold. In order, nothing twice, nothing skipped.
-        held = self._held.setdefault(name, {})
-        held[s] = []
-        try:
-            try:
-                changed = channels.subscribe(s, name)
-            except ChannelError as exc:
-                raise ApiError(400, str(exc)) from None
-            page = await self._history(name, since, epoch)
-            last = since
-            for entry in page.entries:
-                s.send_message(entry.opcode, entry.payload)
-                last = entry.offset
-            for offset, frame in held.get(s, ()):
-                if offset is None or offset > last:
-                    s.send_raw(frame)
-            return {"changed": changed, "connection": s.id, "replayed": len(page.entries),
-                    "offset": max(last, page.offset), "epoch": page.epoch}
-        finally:
-            held.pop(s, None)
-            if not held:
-                self._held.pop(name, None)
-
-    async def _history(self, name: str, since: int, epoch: str | None):
-        rule = channel_rule(self.node.config.channels, name)
-        if rule is None or rule.history is None:
-            raise ApiError(400, f"channel {name!r} keeps no history (see 'channels' in the config)")
-        try:
-            return await self.store.history_since(name, since, epoch, rule.history.size)
-        except HistoryError as exc:
-            which = "epoch changed" if exc.status == 409 else "offset trimmed"
-            raise ApiError(exc.status, f"history cannot be served whole: {which}", epoch=exc.epoch,
-                           offset=exc.offset) from None
-
-    # ------------------------------------------------------------ cluster answers
-    async def _where(self, any_id: str) -> dict | None:
-        rec = await self.store.get_session(any_id)
-        if rec is None:
-            sid = await self.store.session_of_connection(any_id)
-            if sid is not None:
-                rec = await self.store.get_session(sid)
-        return rec
-
-    async def _remote(self, any_id: str, header: dict, payload: bytes = b"") -> dict:
-        rec = await self._where(any_id)
-        if rec is None:
-            raise ApiError(404, "unknown connection", connection=any_id)
-        answers, missing = await self._ask([rec["node"]], {**header, "id": rec["session"]}, payload)
-        if missing:
-            raise ApiError(504, "the node holding this connection did not answer", connection=any_id,
-                           node=rec["node"])
-        answer = answers[rec["node"]]
-        if "status" in answer:
-            raise ApiError(answer["status"], answer.get("error", "failed"), connection=any_id)
-        return answer
-
-    async def send_to_connection(self, any_id: str, opcode: int, payload: bytes) -> dict:
-        s = self.local(any_id)
-        if s is not None:
-            return {"delivered": 1 if s.send_message(opcode, payload) else 0}
-        answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
-        return {"delivered": answer.get("n", 0)}
-
-    async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
-        s = self.local(any_id)
-        if s is not None:
-            s.gateway_close(code, reason)
-            return {"closed": True, "connection": s.id, "code": code}
-        answer = await self._remote(any_id, {"op": "close", "code": code, "reason": reason})
-        return {"closed": True, "connection": answer.get("connection", any_id), "code": code}
-
-    async def join(self, any_id: str, name: str, since: int | None, epoch: str | None) -> dict:
-        s = self.local(any_id)
-        if s is not None:
-            answer = await self._join_local(s, name, since, epoch)
-            await self.flush_now()
-        else:
-            answer = await self._remote(any_id, {"op": "join", "chan": name, "since": since, "epoch": epoch})
-        out = {"connection": answer.get("connection", any_id), "channel": name, "subscribed": True,
-               "changed": answer.get("changed")}
-        for k in ("replayed", "offset", "epoch"):
-            if k in answer:
-                out[k] = answer[k]
-        return out
-
-    async def leave(self, any_id: str, name: str) -> dict:
-        s = self.local(any_id)
-        if s is not None:
-            changed = self.node.channels.unsubscribe(s, name)
-            await self.flush_now()
-            return {"connection": s.id, "channel": name, "subscribed": False, "changed": changed}
-        answer = await self._remote(any_id, {"op": "leave", "chan": name})
-        return {"connection": answer.get("connection", any_id), "channel": name, "subscribed": False,
-                "changed": answer.get("changed")}
-
-    async def record_of(self, any_id: str) -> dict | None:
-        rec = await self._where(any_id)
-        if rec is not None:
-            rec = {k: v for k, v in rec.items() if k not in ("v", "kind", "claims", "events")}
-        return rec
-
-    async def send_to_user(self, sub: str, opcode: int, payload: bytes) -> dict:
-        # This node's own indexes are authoritative for its sessions; the store
-        # names the other nodes that hold one.
-        nodes = set((await self.store.subject_sessions(sub)).values())
-        nodes.discard(self.node_id)
-        frame = frames.frame(opcode, payload)
-        n = sum(1 for s in list(self.node.by_sub.get(sub) or ()) if s.send_raw(frame))
-        answers, missing = await self._ask(nodes, {"op": "sub", "sub": sub, "opcode": opcode}, payload)
-        n += sum(a.get("n", 0) for a in answers.values())
-        return self._counted(n, missing)
-
-    async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
-        offset = epoch = None
-        rule = channel_rule(self.node.config.channels, name)
-        if rule is not None and rule.history is not None:
-            offset, epoch = await self.store.history_append(name, opcode, payload, rule.history.size,
-                                                            rule.history.ttl_s)
-        members = await self.store.channel_members(name)
-        nodes = {m.get("node") for m in members.values()}
-        nodes.discard(self.node_id)
-        n = self._fan_out(name, opcode, payload, offset)
-        header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
-        if not confirm:
-            data = _pack({**header, "from": self.node_id}, payload)   # no rid: no answer wanted
-            for other in nodes:
-                await self.store.publish(other, data)
-            return {"delivered": n}
-        answers, missing = await self._ask(nodes, header, payload)
-        n += sum(a.get("n", 0) for a in answers.values())
-        out = self._counted(n, missing)
-        if offset is not None:
-            out["offset"] = offset
-            out["epoch"] = epoch
-        return out
-
-    def publish_later(self, name: str, opcode: int, payload: bytes) -> None:
-        """A channel message from inside the gateway (chat): cluster-wide, in
-        the order given, without waiting. Bounded: past MAX_OUTBOX waiting
-        messages (a store much slower than the room) the newest is delivered to
-        this node's members only, and counted."""
-        if len(self._outbox) >= MAX_OUTBOX:
-            self.outbox_dropped += 1
-            self.node.channels.publish(name, opcode, payload)
-            if self.outbox_dropped in (1, 100, 10_000):
-                event(log, "channel_outbox_full", logging.WARNING, channel=name, dropped=self.outbox_dropped)
-            return
-        self._outbox.append((name, opcode, payload))
-        self._outbox_wake.set()
-
-    async def _outbox_loop(self) -> None:
-        while True:
-            await self._outbox_wake.wait()
-            self._outbox_wake.clear()
-            while self._outbox:
-                name, opcode, payload = self._outbox.popleft()
-                try:
-                    await self.send_to_channel(name, opcode, payload, confirm=False)
-                except StoreUnavailable:
-                    # The other nodes cannot be reached now; this node's members still hear it.
-                    self.node.channels.publish(name, opcode, payload)
-                except Exception:
-                    log.exception("channel publish failed", extra={"fields": {"event": "channel_publish_error"}})
-
-    @staticmethod
-    def _counted(n: int, missing: list[str]) -> dict:
-        out = {"delivered": n}
-        if missing:
-            out["unconfirmed_nodes"] = missing
-        return out
-
-    async def presence(self, name: str) -> dict:
-        members = await self.store.channel_members(name)
-        # Members on this node come from its own indexes (current to the
-        # moment); the store answers for the other nodes.
-        sessions = [{"session": s.session_id, "connection": s.id, "sub": s.sub, "node": self.node_id}
-                    for s in self.node.channels.members.get(name) or ()]
-        sessions += [{"session": sid, "connection": m.get("conn"), "sub": m.get("sub"), "node": m.get("node")}
-                     for sid, m in sorted(members.items(), key=lambda kv: (kv[1].get("node") or "", kv[0]))
-                     if m.get("node") != self.node_id]
-        subjects = sorted({m["sub"] for m in sessions if m["sub"] is not None})
-        return {"channel": name, "count": len(sessions), "sessions": sessions, "subjects": subjects}
-
-    async def history(self, name: str, since: int, epoch: str | None) -> dict:
-        page = await self._history(name, since, epoch)
-        return {"channel": name, "epoch": page.epoch, "offset": page.offset,
-                "messages": [{"offset": e.offset, "type": "text" if e.opcode == frames.OP_TEXT else "binary",
-                              "data": e.payload.decode("utf-8") if e.opcode == frames.OP_TEXT
-                              else e.payload.hex()} for e in page.entries]}
 
     async def nodes(self) -> list[dict]:
         out = []
@@ -693,6 +352,3 @@ class Cluster:
         """redis.on_outage: reject_new, and the store is down: new sessions get 503."""
         return self.store_down and self.settings.on_outage == "reject_new"
 
-    def store_status(self) -> dict:
-        return {"store": type(self.store).__name__, "available": not self.store_down,
-                "heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 3) if self.last_heartbeat else None}

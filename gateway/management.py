@@ -2,7 +2,7 @@
 users and channels; close a connection; subscribe it (optionally catching up
 on channel history); presence; history; node records; reload.
 
-Every call is answered by any node: gateway/cluster.py reaches sessions on
+Every call is answered by any node: gateway/delivery.py reaches sessions on
 other nodes through the store. A cluster-wide call while the store is
 unreachable answers 503, never a silent 0; a call for a session on this node
 is served locally even then.
@@ -22,7 +22,7 @@ import time
 
 from aiohttp import web
 
-from . import frames, metrics
+from . import frames
 from .channels import check_name
 from .errors import ApiError, ChannelError, StoreUnavailable
 from .httpbackend import reply_opcode
@@ -89,9 +89,9 @@ def _channel(request: web.Request) -> str:
         raise ApiError(400, str(exc)) from None
 
 
-def _local_or_gone(node, cluster, conn_id: str):
+def _local_or_gone(node, delivery, conn_id: str):
     """The open session on this node; 410 if it ended here recently (or is closing), None otherwise."""
-    s = cluster.local(conn_id)
+    s = delivery.local(conn_id)
     if s is not None and s.state is State.OPEN:
         return s
     gone = node.closed.get(conn_id)
@@ -99,10 +99,6 @@ def _local_or_gone(node, cluster, conn_id: str):
         code = gone[0] if gone is not None else s.close_code
         raise ApiError(410, "connection closed", connection=conn_id, code=code)
     return None
-
-
-def _unavailable(exc: StoreUnavailable) -> ApiError:
-    return ApiError(503, "session store unreachable: cluster-wide answers need it; retry later")
 
 
 def session_record(node, s) -> dict:
@@ -128,7 +124,8 @@ def session_record(node, s) -> dict:
 
 def add_routes(app: web.Application, node, cluster) -> None:
     """Register the /v1 management endpoints on the admin app. Every answer is
-    the cluster's: `cluster` reaches sessions on other nodes through the store."""
+    the cluster's: `cluster.delivery` reaches sessions on other nodes through the store."""
+    delivery = cluster.delivery
 
     def cap() -> int:
         return node.limits.max_message_bytes
@@ -141,11 +138,11 @@ def add_routes(app: web.Application, node, cluster) -> None:
 
     async def push_connection(request):
         conn_id = session_id(request)
-        _local_or_gone(node, cluster, conn_id)
+        _local_or_gone(node, delivery, conn_id)
         opcode, body = await read_message(request, cap())
         # Read the body first, then look again: the session may have ended meanwhile.
-        _local_or_gone(node, cluster, conn_id)
-        return web.json_response(await cluster.send_to_connection(conn_id, opcode, body))
+        _local_or_gone(node, delivery, conn_id)
+        return web.json_response(await delivery.send_to_connection(conn_id, opcode, body))
 
     async def close_connection(request):
         q = request.query
@@ -160,20 +157,20 @@ def add_routes(app: web.Application, node, cluster) -> None:
         if len(reason.encode("utf-8")) > 123:
             raise ApiError(400, "reason too long (max 123 bytes of UTF-8)")
         conn_id = session_id(request)
-        _local_or_gone(node, cluster, conn_id)
-        answer = await cluster.close_connection(conn_id, code, reason)
+        _local_or_gone(node, delivery, conn_id)
+        answer = await delivery.close_connection(conn_id, code, reason)
         event(log, "closed_by_api", conn=answer["connection"], code=code)
         return web.json_response(answer)
 
     async def get_connection(request):
         conn_id = session_id(request)
-        s = cluster.local(conn_id)
+        s = delivery.local(conn_id)
         if s is not None:
             return web.json_response(session_record(node, s))
         gone = node.closed.get(conn_id)
         if gone is not None:
             raise ApiError(410, "connection closed", connection=conn_id, code=gone[0], reason=gone[1])
-        rec = await cluster.record_of(conn_id)
+        rec = await delivery.record_of(conn_id)
         if rec is not None:
             return web.json_response(rec)
         raise ApiError(404, "unknown connection", connection=conn_id)
@@ -181,12 +178,12 @@ def add_routes(app: web.Application, node, cluster) -> None:
     async def push_user(request):
         sub = request.match_info["sub"]
         opcode, body = await read_message(request, cap())
-        return web.json_response(await cluster.send_to_user(sub, opcode, body))
+        return web.json_response(await delivery.send_to_user(sub, opcode, body))
 
     async def push_channel(request):
         name = _channel(request)
         opcode, body = await read_message(request, cap())
-        return web.json_response(await cluster.send_to_channel(name, opcode, body))
+        return web.json_response(await delivery.send_to_channel(name, opcode, body))
 
     def since_epoch(request) -> tuple[int | None, str | None]:
         q = request.query
@@ -205,23 +202,23 @@ def add_routes(app: web.Application, node, cluster) -> None:
     async def subscribe(request):
         name = _channel(request)
         conn_id = session_id(request)
-        _local_or_gone(node, cluster, conn_id)
+        _local_or_gone(node, delivery, conn_id)
         since, epoch = since_epoch(request)
-        return web.json_response(await cluster.join(conn_id, name, since, epoch))
+        return web.json_response(await delivery.join(conn_id, name, since, epoch))
 
     async def unsubscribe(request):
         name = _channel(request)
         conn_id = session_id(request)
-        _local_or_gone(node, cluster, conn_id)
-        return web.json_response(await cluster.leave(conn_id, name))
+        _local_or_gone(node, delivery, conn_id)
+        return web.json_response(await delivery.leave(conn_id, name))
 
     async def presence(request):
-        return web.json_response(await cluster.presence(_channel(request)))
+        return web.json_response(await delivery.presence(_channel(request)))
 
     async def history(request):
         name = _channel(request)
         since, epoch = since_epoch(request)
-        return web.json_response(await cluster.history(name, since or 0, epoch))
+        return web.json_response(await delivery.history(name, since or 0, epoch))
 
     async def nodes(request):
         return web.json_response({"nodes": await cluster.nodes()})
@@ -248,9 +245,8 @@ def add_routes(app: web.Application, node, cluster) -> None:
             return await handler(request)
         except ApiError as exc:
             return error(exc.status, exc.message, **exc.extra)
-        except StoreUnavailable as exc:
-            exc = _unavailable(exc)
-            return error(exc.status, exc.message)
+        except StoreUnavailable:
+            return error(503, "session store unreachable: cluster-wide answers need it; retry later")
         except web.HTTPMethodNotAllowed as exc:
             return error(405, f"method {request.method} not allowed here (allowed: "
                               f"{', '.join(sorted(exc.allowed_methods))})")

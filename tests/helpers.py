@@ -7,10 +7,23 @@ import base64
 import os
 import socket
 import struct
+import time
 
 from aiohttp import WSMsgType, web
 
 from gateway import frames
+
+
+async def until(check, timeout_s: float = 10.0, what: str = "condition", interval_s: float = 0.05):
+    """Await `check()` until it returns something truthy, and return that; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout_s} s (last: {value!r})")
+        await asyncio.sleep(interval_s)
 
 
 def free_port() -> int:

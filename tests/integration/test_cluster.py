@@ -15,7 +15,7 @@ import jwt
 import pytest
 from aiohttp import WSMsgType
 
-from ..httppeer import eventually
+from ..helpers import until
 
 TOKEN = "cluster-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,19 +71,7 @@ async def known_everywhere(http, gws, conn: str) -> None:
             if status != 200:
                 return False
         return True
-    await eventually_async(found)
-
-
-async def eventually_async(check, timeout: float = 10.0, step: float = 0.05) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {check.__name__}")
-        await asyncio.sleep(step)
+    await until(found)
 
 
 async def nothing_more(ws) -> None:
@@ -112,7 +100,7 @@ async def test_pushes_channels_presence_and_users_across_three_nodes(three, http
 
     async def presence_complete() -> bool:
         return (await api(http, g1, "GET", "/v1/channels/room/presence"))[1]["count"] == 3
-    await eventually_async(presence_complete)
+    await until(presence_complete)
     status, body = await api(http, g1, "GET", "/v1/channels/room/presence")
     assert status == 200 and body["subjects"] == ["alice", "bob"]
     assert {s["connection"] for s in body["sessions"]} == {a1_id, a2_id, b3_id}
@@ -150,7 +138,7 @@ async def test_pushes_channels_presence_and_users_across_three_nodes(three, http
 
     async def a2_gone() -> bool:
         return (await api(http, g3, "GET", f"/v1/connections/{a2_id}"))[0] == 404
-    await eventually_async(a2_gone)
+    await until(a2_gone)
     status, body = await api(http, g3, "POST", "/v1/users/alice/messages", data="again")
     assert (status, body) == (200, {"delivered": 1})
     assert (await a1.receive(timeout=5)).data == "again"
@@ -171,7 +159,7 @@ async def test_a_stopped_node_leaves_the_node_list(three, http):
 
     async def two_left() -> bool:
         return [n["id"] for n in (await api(http, g1, "GET", "/v1/nodes"))[1]["nodes"]] == ["n1", "n2"]
-    await eventually_async(two_left)
+    await until(two_left)
 
 
 async def test_history_offsets_gaps_and_catch_up(gateway, http):
@@ -226,7 +214,7 @@ async def test_redis_outage_keeps_sessions_and_answers_503(gateway, redis_server
     async def gauge_down() -> bool:   # the next heartbeat (0.2 s) finds Redis gone
         async with http.get(g1.admin_url + "/metrics") as resp:
             return "gateway_store_available 0.0" in await resp.text()
-    await eventually_async(gauge_down)
+    await until(gauge_down)
     # A session on the node that takes the call is still reached.
     status, body = await api(http, g1, "POST", f"/v1/connections/{conn}/messages", data="local")
     assert (status, body) == (200, {"delivered": 1})
@@ -251,7 +239,7 @@ async def test_redis_outage_keeps_sessions_and_answers_503(gateway, redis_server
             return False
         assert body == {"delivered": 1}
         return True
-    await eventually_async(delivered_once, step=0.2)
+    await until(delivered_once, interval_s=0.2)
     assert (await ws2.receive(timeout=5)).data == f"back{attempt['n']}"
     await nothing_more(ws2)
     async with http.get(g1.admin_url + "/metrics") as resp:
@@ -271,7 +259,7 @@ async def test_reject_new_while_redis_is_down(gateway, redis_server, http):
     async def not_ready() -> bool:
         async with http.get(gw.admin_url + "/readyz") as resp:
             return resp.status == 503 and (await resp.json())["store"] == "unavailable"
-    await eventually_async(not_ready)
+    await until(not_ready)
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         await http.ws_connect(f"{gw.url}/echo?access_token={token('frank')}")
     assert exc.value.status == 503 and exc.value.headers.get("Retry-After")
@@ -283,7 +271,7 @@ async def test_reject_new_while_redis_is_down(gateway, redis_server, http):
     async def ready() -> bool:
         async with http.get(gw.admin_url + "/readyz") as resp:
             return resp.status == 200
-    await eventually_async(ready)
+    await until(ready)
     ws2, _ = await open_client(http, gw, "frank")
     for w in (ws, ws2):
         await w.close()
@@ -313,7 +301,7 @@ async def test_sentinel_failover_moves_the_cluster_to_the_new_master(gateway, se
     async def delivers_again() -> bool:
         status, body = await api(http, g2, "POST", "/v1/users/gina/messages", data="after")
         return status == 200 and body == {"delivered": 1}
-    await eventually_async(delivers_again, timeout=30, step=0.2)
+    await until(delivers_again, timeout_s=30, interval_s=0.2)
     gap = time.monotonic() - killed
     # Each attempt that answered 200 delivered exactly one message; the 503s delivered none.
     assert (await ws.receive(timeout=5)).data == "after"
@@ -341,7 +329,7 @@ async def test_a_chat_room_spans_nodes_in_order(gateway, redis_server, http):
 
     async def both_present() -> bool:
         return (await api(http, nodes[0], "GET", "/v1/channels/lobby/presence"))[1]["count"] == 2
-    await eventually_async(both_present)
+    await until(both_present)
     for i in range(20):
         await clients[0].send_str(orjson.dumps({"action": "say", "room": "lobby", "text": f"t{i}"}).decode())
     for ws in clients:   # the speaker's own node and the other one: all 20, in order, once

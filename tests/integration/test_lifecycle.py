@@ -23,13 +23,14 @@ from ..helpers import free_port
 class Proc:
     """`gateway run` as a real process on free ports."""
 
-    def __init__(self, tmp_path, cfg: dict):
+    def __init__(self, tmp_path, cfg: dict, name: str = "gw"):
+        self.name = name
         self.port, self.admin = free_port(), free_port()
         cfg = dict(cfg, listen={"host": "127.0.0.1", "port": self.port},
                    admin={"host": "127.0.0.1", "port": self.admin})
-        self.path = tmp_path / "gw.yaml"
+        self.path = tmp_path / f"{name}.yaml"
         self.path.write_text(yaml.safe_dump(cfg))
-        self.stderr = tmp_path / "stderr.log"
+        self.stderr = tmp_path / ("stderr.log" if name == "gw" else f"{name}.log")
         self.p = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(self.path)],
                                   stderr=open(self.stderr, "wb"), stdout=subprocess.DEVNULL)
         self.url = f"ws://127.0.0.1:{self.port}"

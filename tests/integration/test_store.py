@@ -6,6 +6,7 @@ Sentinel failover are Redis-only. Every wait polls, bounded."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -14,6 +15,8 @@ import pytest
 from gateway.errors import HistoryEpochChanged, HistoryTrimmed, StoreUnavailable
 from gateway.store import Delete, Join, Leave, MemoryStore, Put, RedisStore
 
+from ..helpers import until
+
 PREFIX = "t:"
 
 
@@ -21,16 +24,8 @@ def rec(sid: str, node: str = "na", sub: str | None = "u1", channels=(), **kw) -
     return {"session": sid, "connection": f"conn-{sid}", "node": node, "sub": sub, "channels": list(channels), **kw}
 
 
-async def eventually(check, timeout_s: float = 3.0, interval_s: float = 0.05, what: str = "condition"):
-    """Await `check()` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s} s (last: {value!r})")
-        await asyncio.sleep(interval_s)
+# Store calls answer in milliseconds: 3 s is a generous bound.
+eventually = functools.partial(until, timeout_s=3.0)
 
 
 class Cluster:
