@@ -402,3 +402,18 @@ async def test_a_channel_message_crosses_redis_once_per_node_not_per_recipient(t
         assert (await ws.receive(timeout=5)).data == "once"
         await nothing_more(ws)
         await ws.close()
+
+
+@pytest.mark.parametrize("path,method,needle", [
+    ("/v1/channels/room1/history?since=abc", "GET", "since must be a whole number"),
+    ("/v1/channels/room1/history?since=-1", "GET", "since must be a whole number"),
+    ("/v1/channels/room1/history?epoch=e", "GET", "epoch needs since"),
+    ("/v1/channels/room1/history?since=1&epoch=" + "e" * 65, "GET", "epoch too long"),
+    ("/v1/channels/bad%20name/history?since=0", "GET", "bad channel name"),
+    ("/v1/connections/" + "x" * 129 + "/messages", "POST", "connection id too long"),
+    ("/v1/connections/abc/channels/room1?since=x", "PUT", "since must be a whole number"),
+])
+async def test_bad_history_and_id_input_is_a_clear_400(gateway, http, path, method, needle):
+    gw = await gateway(node_config("bad", None))
+    status, body = await api(http, gw, method, path, data="x")
+    assert status == 400 and needle in body["error"], body
