@@ -24,7 +24,6 @@ state may move is in gateway/session.py.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import time
@@ -33,10 +32,11 @@ from . import frames
 from .auth import TokenBucket
 from .closing import NULL_UPSTREAM as _NULL, Closing, log
 from .errors import (GOING_AWAY, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLATION, PROTOCOL_ERROR,
-                     TRY_AGAIN_LATER, InvalidTransition, ProtocolViolation)
+                     TRY_AGAIN_LATER, ProtocolViolation)
 from .frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, mask_in_place as _mask, \
     parse_header, unmask
-from .session import Close, CloseEvent, Event, Link, LinkEvent, SideState, State, advance
+from .seam import Seam, Side, fileno
+from .session import Close, CloseEvent, Event, Link, SideState, State, advance
 
 __all__ = ["Session", "Side", "new_id", "log"]
 
@@ -46,127 +46,11 @@ _monotonic = time.monotonic
 
 
 
-class _Hold:
-    """The upstream while it is detached: client frames wait here, in order.
-
-    Bounded by send_buffer_bytes: past it the client is not read any more
-    (TCP backpressure) until an upstream is attached. Looks like a transport
-    to the relay, so the per-message path does not change while detached.
-    """
-
-    __slots__ = ("s", "buf", "limit", "paused", "cut")
-
-    def __init__(self, session: "Session", limit: int):
-        self.s = session
-        self.buf = bytearray()
-        self.limit = limit
-        self.paused = False
-        self.cut = False
-
-    def write(self, data) -> None:
-        self.buf += data
-        if len(self.buf) > self.limit and not self.paused:
-            self.paused = True
-            self.s.transport.pause_reading()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.buf)
-
-    def is_closing(self) -> bool:
-        return self.cut
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        """The session gives up on the upstream while detached: lost, like a transport's abort."""
-        if not self.cut:
-            self.cut = True
-            self.buf = bytearray()
-            asyncio.get_running_loop().call_soon(self._lost)
-
-    close = abort
-
-    def _lost(self) -> None:
-        if self.s.up is self:
-            self.s.upstream_lost()
-
-
-class _Retired(asyncio.Protocol):
-    """The protocol of an upstream connection the session has let go."""
-
-    __slots__ = ()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-    def eof_received(self):
-        return False
-
-
-_RETIRED = _Retired()
-
-
-def _ignore(data: bytes) -> None:
-    pass
-
-
-def _fileno(transport) -> int:
-    """The socket's fd for direct writes, or -1 (TLS, or no socket to be had).
-
-    uvloop queues every transport.write and flushes at the end of the loop
-    iteration. When nothing is queued, writing the frame to the socket
-    ourselves is the same syscall with less around it; whatever the kernel
-    does not take then goes through the transport, which from there on owns
-    the ordering. Only while the transport is not closing: until then its fd
-    cannot have been closed or reused.
-    """
-    if type(transport).__name__ != "TCPTransport":  # uvloop's plain TCP transport only, never TLS
-        return -1
-    sock = transport.get_extra_info("socket")
-    try:
-        return sock.fileno() if sock is not None else -1
-    except (OSError, AttributeError):
-        return -1
-
-
 def new_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-class Side(asyncio.Protocol):
-    """The protocol of one of a session's sockets while relaying.
-
-    `data_received` is an instance slot bound to the session's relay function
-    for that direction: the event loop looks it up once (uvloop caches it at
-    set_protocol), so each read costs one Python call, not two.
-    """
-
-    __slots__ = ("s", "data_received", "lost", "client_side")
-
-    def __init__(self, session: "Session", data_received, lost, client_side: bool):
-        self.s = session
-        self.data_received = data_received
-        self.lost = lost
-        self.client_side = client_side
-
-    def eof_received(self):
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self.lost()
-
-    def pause_writing(self) -> None:
-        self.s.stalled(self.client_side)
-
-    def resume_writing(self) -> None:
-        self.s.unstalled(self.client_side)
-
-
-class Session(Closing):
+class Session(Closing, Seam):
     """One client's session: identity, its two sides, and the relay between them.
 
     `id` names the client connection (Gateway-Connection-Id; the management
@@ -269,7 +153,7 @@ class Session(Closing):
             client.set_protocol(Side(self, self.from_client_messages, self.client_lost, True))
             return
         client.set_protocol(Side(self, self.from_client_relay, self.client_lost, True))
-        self.c_fd = _fileno(client)
+        self.c_fd = fileno(client)
         self._wire_upstream(upstream)
 
     def _wire_upstream(self, transport) -> None:
@@ -277,7 +161,7 @@ class Session(Closing):
         self.upstream = SideState("upstream")
         transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
         transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
-        self.u_fd = _fileno(transport)
+        self.u_fd = fileno(transport)
 
     def start(self, pending: bytes, leftover: bytes) -> None:
         """Relay what came before the relay was wired in, then read both sockets."""
@@ -748,123 +632,6 @@ class Session(Closing):
             self._stop_upstream_stream()
             return True
         return False
-
-    # ------------------------------------------------- detach / attach (seam)
-    def detach_upstream(self) -> asyncio.Future:
-        """Let go of the upstream connection at the next frame boundary of each stream.
-
-        The client stream switches to a hold (bounded by send_buffer_bytes) as
-        soon as no client frame is half forwarded; the upstream's stream stops
-        as soon as no upstream frame is half forwarded to the client. Then the
-        old connection gets a close (1001) and is closed, and the returned
-        future is done. Frames the gateway must send upstream wait with the
-        held ones. The session stays open; `attach_upstream` sends everything
-        held, in order, to the next upstream.
-
-        Frame boundaries, not message boundaries: a reattach policy that must
-        not split a fragmented message waits for one (`c_msg == 0`) itself.
-        """
-        if self.state is not State.OPEN or self.sink is not None or self.upstream.close is not Close.OPEN \
-                or self.client.close is not Close.OPEN:
-            raise InvalidTransition(f"detach in state {self.state.name} (upstream {self.upstream.close.name}, "
-                                    f"client {self.client.close.name})")
-        self.upstream.link_on(LinkEvent.DETACH)
-        waiter = self.detach_waiter = self.node.loop.create_future()
-        self.leaving = self.up
-        self.held = _Hold(self, self.limits.send_buffer_bytes)
-        self.c_switch = self.u_stop = True
-        if not self.c_remaining:
-            self._switch_client_stream()
-        if not self.u_remaining and self.leaving is not None:
-            self._stop_upstream_stream()
-        return waiter
-
-    def _switch_client_stream(self) -> None:
-        """At a client frame boundary: client frames go to the hold from here on."""
-        self.c_switch = False
-        if self.u_later:  # answers owed to the old upstream (pongs) go to it first
-            data = self.u_later
-            self.u_later = b""
-            self.up.write(data)
-        self.up = self.held
-        self.u_fd = -1
-        self._maybe_detached()
-
-    def _stop_upstream_stream(self) -> None:
-        """At an upstream frame boundary: nothing more of the old upstream reaches the client."""
-        self.u_stop = False
-        self.u_buf = b""  # an unfinished frame of which the client saw nothing
-        self.u_need = 0
-        # Its loss still fails the session until the client stream has switched too.
-        self.leaving.set_protocol(Side(self, _ignore, self.upstream_lost, False))
-        self._maybe_detached()
-
-    def _maybe_detached(self) -> None:
-        if self.c_switch or self.u_stop:
-            return
-        self.upstream.link_on(LinkEvent.AT_BOUNDARY)
-        old = self.leaving
-        self.leaving = None
-        old.set_protocol(_RETIRED)
-        old.write(frames.frame(OP_CLOSE, frames.close_payload(GOING_AWAY, "session moved"), mask=True))
-        old.close()
-        if self.endpoint is not None:
-            self.endpoint.active -= 1
-            self.endpoint = None
-        if self.stall_timer is not None and not self.stall_client:
-            # The old upstream's full buffer no longer holds the client back.
-            self.stall_timer.cancel()
-            self.stall_timer = None
-        if not self.held.paused and not self.client.gone:
-            self.transport.resume_reading()
-        waiter = self.detach_waiter
-        self.detach_waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _drop_leaving(self) -> None:
-        """The upstream was lost (or cut) while detaching or detached: give the seam up."""
-        old = self.leaving
-        if old is not None:
-            self.leaving = None
-            old.set_protocol(_RETIRED)
-            old.abort()
-        self.c_switch = self.u_stop = False
-        held = self.held
-        if held is not None:
-            self.held = None
-            held.cut = True
-            if held.paused and not self.client.gone:
-                self.transport.resume_reading()
-        waiter = self.detach_waiter
-        self.detach_waiter = None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionError("upstream lost while detaching"))
-
-    def attach_upstream(self, transport, leftover: bytes = b"", endpoint=None) -> None:
-        """Make `transport` (a dialled, paused upstream, e.g. from BackendPool.dial_any)
-        the session's upstream: what was held goes to it first, in order."""
-        held = self.held
-        if held is None or held.cut or self.upstream.gone or self.upstream.link is not Link.DETACHED:
-            raise InvalidTransition(f"attach in link state {self.upstream.link.name} "
-                                    f"(upstream {self.upstream.close.name})")
-        self.upstream.link_on(LinkEvent.ATTACH)
-        self.held = None
-        self.up = transport
-        transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
-        transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
-        if endpoint is not None:
-            self.endpoint = endpoint
-            endpoint.active += 1
-        self.u_seen = True
-        if not self.client.gone:
-            self.transport.resume_reading()  # before the flush, which may pause it again (stalled)
-        if held.buf:
-            transport.write(bytes(held.buf))
-        self.u_fd = _fileno(transport)
-        if leftover:
-            self.from_upstream(leftover)
-        transport.resume_reading()
 
     # ------------------------------------------------------- backpressure
     def stalled(self, client_side: bool) -> None:
