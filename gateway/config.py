@@ -57,9 +57,12 @@ class Limits:
 @dataclass(**_frozen)
 class Drain:
     timeout_s: float = 60
-    close_code: int = 1001
+    announce_s: float = 0
+    close_code: int = 1012
     rate_per_s: float = 1000
     resume_window_s: float = 120
+    replay_max_messages: int = 10_000
+    replay_max_bytes: int = 4_194_304
 
 
 @dataclass(**_frozen)
@@ -190,6 +193,7 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)
     drain: Drain = field(default_factory=Drain)
+    watch: bool = False
     backends: dict[str, Backend] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
 
@@ -199,12 +203,6 @@ class Config:
         return self.node_id
 
 
-# Keys a later release implements. They parse, but a config that uses them is
-# refused, so nobody believes a feature is on when it is not.
-NOT_SUPPORTED_YET: dict[str, str] = {
-    "drain.resume_window_s": "session resume is not supported yet",
-    "backends.*.on_upstream_close=reattach": "reattaching sessions to another endpoint is not supported yet; use 'close'",
-}
 
 BUILTIN_HANDLERS = ("echo", "chat")
 ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384",
@@ -391,7 +389,7 @@ def parse(text: str, source: str = "routes.yaml") -> Config:
     raw = _compose(text, doc)
     r = _Reader(doc)
     top = r.mapping(raw, (), ("listen", "admin", "node_id", "workers", "redis", "channels",
-                              "auth", "limits", "drain", "backends", "routes"))
+                              "auth", "limits", "drain", "watch", "backends", "routes"))
     if top is None:
         doc.raise_if_any()
     cfg = _build(top, r, doc, source)
@@ -412,13 +410,15 @@ def _build(top: dict, r: _Reader, doc: _Doc, source: str) -> Config:
     channels = _channels(r, doc, top.get("channels"))
     limits = _limits(r, top.get("limits"))
     drain = _drain(r, doc, top.get("drain"))
+    watch = r.get(top, (), "watch", "bool", False)
     auth = _auth(r, doc, top.get("auth"))
     backends = _backends(r, doc, top.get("backends"))
     routes = _routes(r, doc, top.get("routes"), backends, auth)
     if listen.port == admin.port and listen.port != 0:
         doc.error(("admin", "port"), f"is the same as listen.port ({listen.port})")
     return Config(source=source, listen=listen, admin=admin, node_id=node_id, workers=workers,
-                  redis=redis, channels=channels, auth=auth, limits=limits, drain=drain, backends=backends, routes=routes)
+                  redis=redis, channels=channels, auth=auth, limits=limits, drain=drain, watch=watch,
+                  backends=backends, routes=routes)
 
 
 def _listen(r: _Reader, value: Any, path: Path) -> Listen:
@@ -532,13 +532,19 @@ def _limits(r: _Reader, value: Any) -> Limits:
 
 def _drain(r: _Reader, doc: _Doc, value: Any) -> Drain:
     path = ("drain",)
-    m = r.mapping(value, path, ("timeout_s", "close_code", "rate_per_s", "resume_window_s")) or {}
-    out = Drain(timeout_s=r.get(m, path, "timeout_s", "number", 60, minimum=0),
-                close_code=r.get(m, path, "close_code", "int", 1001, choices=(1001, 1012)),
-                rate_per_s=r.get(m, path, "rate_per_s", "number", 1000, minimum=1),
-                resume_window_s=r.get(m, path, "resume_window_s", "number", 120, minimum=0))
-    if "resume_window_s" in m:
-        doc.error(path + ("resume_window_s",), NOT_SUPPORTED_YET["drain.resume_window_s"], key=True)
+    m = r.mapping(value, path, ("timeout_s", "announce_s", "close_code", "rate_per_s", "resume_window_s",
+                                "replay_max_messages", "replay_max_bytes")) or {}
+    d = Drain()
+    out = Drain(timeout_s=r.get(m, path, "timeout_s", "number", d.timeout_s, minimum=0),
+                announce_s=r.get(m, path, "announce_s", "number", d.announce_s, minimum=0),
+                close_code=r.get(m, path, "close_code", "int", d.close_code, choices=(1001, 1012)),
+                rate_per_s=r.get(m, path, "rate_per_s", "number", d.rate_per_s, minimum=1),
+                resume_window_s=r.get(m, path, "resume_window_s", "number", d.resume_window_s, minimum=0),
+                replay_max_messages=r.get(m, path, "replay_max_messages", "int", d.replay_max_messages, minimum=0),
+                replay_max_bytes=r.get(m, path, "replay_max_bytes", "int", d.replay_max_bytes, minimum=0))
+    if out.announce_s >= out.timeout_s > 0:
+        doc.error(path + ("announce_s",), f"is {out.announce_s:g} s, not less than drain.timeout_s "
+                  f"({out.timeout_s:g} s): no time would be left to move sessions")
     return out
 
 
@@ -668,8 +674,6 @@ def _backend(r: _Reader, doc: _Doc, bp: Path, name: str, btype: str, spec: dict)
                         unhealthy_after=r.get(h, hp, "unhealthy_after", "int", 2, minimum=1),
                         healthy_after=r.get(h, hp, "healthy_after", "int", 1, minimum=1))
     on_close = r.get(spec, bp, "on_upstream_close", "str", "close", choices=("close", "reattach"))
-    if on_close == "reattach":
-        doc.error(bp + ("on_upstream_close",), NOT_SUPPORTED_YET["backends.*.on_upstream_close=reattach"])
     return Backend(name=name, type=btype, endpoints=endpoints, balance=balance, hash_on=hash_on,
                    connect_timeout_s=r.get(spec, bp, "connect_timeout_s", "number", 3, minimum=0.01),
                    health=health,

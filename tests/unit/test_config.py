@@ -121,11 +121,13 @@ def test_duplicate_yaml_keys_are_errors():
     assert any("listen: duplicate key" in p for p in problems(GOOD + "listen: {port: 1}\n"))
 
 
-@pytest.mark.parametrize("snippet,needle", [
-    ("drain: {resume_window_s: 60}\n", "session resume is not supported yet"),
-])
-def test_later_features_are_refused_not_ignored(snippet, needle):
-    assert any(needle in p for p in problems(GOOD + snippet))
+def test_drain_keys_parse_with_defaults_and_bounds():
+    cfg = config.parse(GOOD + "drain: {resume_window_s: 60, announce_s: 2, replay_max_messages: 5}\nwatch: true\n")
+    assert (cfg.drain.resume_window_s, cfg.drain.announce_s, cfg.drain.replay_max_messages) == (60, 2, 5)
+    assert cfg.drain.close_code == 1012 and cfg.drain.replay_max_bytes == 4_194_304 and cfg.watch is True
+    assert any("drain.announce_s" in p and "not less than drain.timeout_s" in p
+               for p in problems(GOOD + "drain: {timeout_s: 5, announce_s: 5}\n"))
+    assert any("watch" in p for p in problems(GOOD + "watch: sometimes\n"))
 
 
 def test_bad_endpoint_urls():
