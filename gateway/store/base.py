@@ -32,12 +32,18 @@ operators in docs/redis.md:
     P hist:{name}:meta      hash    {epoch, offset}
     P reap:{id}             string  claim on a dead node's cleanup, NX EX (claim("reap:{id}"))
     P bus:{id}              pub/sub messages routed to that node
+    P det:{sid}             hash    a drained session waiting for its resume (detached.py)
+    P replay:{sid}          stream  its replay buffer
+    P detached              zset    session id -> end of its resume window (ms)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+
+if TYPE_CHECKING:
+    from .detached import DetachedSessions
 
 
 @dataclass(slots=True)
@@ -90,6 +96,8 @@ BusHandler = Callable[[bytes], Awaitable[None] | None]
 
 
 class Store(Protocol):
+    detached: "DetachedSessions"   # drained sessions waiting for their resume (detached.py)
+
     # ---- lifecycle
     async def start(self) -> None: ...
     async def close(self) -> None: ...

@@ -27,6 +27,7 @@ import orjson
 
 from ..records import decode, encode
 from ..errors import HistoryEpochChanged, HistoryTrimmed, RecordVersionError
+from .detached import MemoryDetached
 from .base import BusHandler, Delete, HistoryEntry, HistoryPage, Join, Leave, Op, Put
 
 log = logging.getLogger("gateway.store")
@@ -111,6 +112,7 @@ class MemoryStore:
         self._listeners: dict[str, _Listener] = {}
         self._users = 0
         self._reader = RecordReader()
+        self.detached = MemoryDetached(self)   # drained sessions waiting for their resume
 
     # ---- lifecycle
 

@@ -42,6 +42,7 @@ from ..errors import HistoryEpochChanged, HistoryTrimmed, RecordVersionError, St
 from ..records import decode, encode
 from .base import BusHandler, Delete, HistoryEntry, HistoryPage, Join, Leave, Op, Put
 from .memory import RecordReader, member_of
+from .redis_detached import RedisDetached
 
 log = logging.getLogger("gateway.store")
 
@@ -127,6 +128,7 @@ class RedisStore:
         self._reader = RecordReader()
         self._bus: dict[bytes, BusHandler] = {}     # prefixed bus channel -> handler
         self._bus_task: asyncio.Task | None = None
+        self.detached = RedisDetached(self)    # drained sessions waiting for their resume
 
     # ---- lifecycle
 
