@@ -35,7 +35,8 @@ class State(enum.IntEnum):
     CLOSING = 3     # a close went one way (client, upstream or gateway); waiting for the rest
     CLOSED = 4      # every socket gone; counted and logged
     REFUSED = 5     # answered with an HTTP error; waiting for the socket to go
-    DRAINING = 6    # the node drains: the client is closed (1012), the upstream kept, its frames buffered
+    DRAINING = 6    # the node drains: the client is closed (1012), the upstream kept until it closes,
+                    # what was meant for the client buffered for the resume (replay.py)
     DETACHED = 7    # no client connection; the session waits for one to resume it, upstream kept
 
 
@@ -56,7 +57,8 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     State.REFUSED: {Event.LOST: State.CLOSED},
     State.OPEN: {Event.CLOSE_STARTED: State.CLOSING, Event.DRAIN: State.DRAINING,
                  Event.CLIENT_DETACHED: State.DETACHED, Event.LOST: State.CLOSED},
-    State.DRAINING: {Event.CLIENT_DETACHED: State.DETACHED, Event.CLOSE_STARTED: State.CLOSING,
+    # The drain's close to the client is a close that keeps the session: still draining.
+    State.DRAINING: {Event.CLIENT_DETACHED: State.DETACHED, Event.CLOSE_STARTED: State.DRAINING,
                      Event.LOST: State.CLOSED},
     State.DETACHED: {Event.RESUMED: State.OPEN, Event.CLOSE_STARTED: State.CLOSING, Event.LOST: State.CLOSED},
     State.CLOSING: {Event.LOST: State.CLOSED},

@@ -10,7 +10,11 @@ be served a replay with a hole in it.
 
 A resume takes the session with a lease, not a read-and-delete: a node
 that dies, or a backend that refuses, half-way through a resume leaves the
-session for the client's next attempt once the lease runs out. `finish`
+session for the client's next attempt once the lease runs out. A take
+waits for the seal: the draining node seals the buffer once the old
+upstream has closed and everything it sent is written, so a client that
+comes back within milliseconds is never replayed a buffer still growing
+behind it. `finish`
 ends it (state "used"); the record stays as a tombstone for
 TOMBSTONE_S more, so a second use of the token is told 410, not 401.
 
@@ -18,7 +22,8 @@ Both stores implement `DetachedSessions` (store.detached); the Redis one
 is in redis_detached.py, the in-process one here. Keys (P = key_prefix):
 
     P det:{sid}      hash    rec, th (token hash), sub, state, until, lease, lease_until,
-                             n (messages buffered), bytes, over (1: overflowed), run (Redis run id)
+                             n (messages buffered), bytes, over (1: overflowed), sealed (1: the
+                             draining node wrote all it had), run (Redis run id)
     P replay:{sid}   stream  the replay buffer: fields o (opcode), p (payload)
     P detached       zset    sid -> until (ms), for the sweep that expires them
 
@@ -55,6 +60,7 @@ EXPIRED = "expired"        # resume_window_s passed
 USED = "used"              # resumed already
 LEASED = "leased"          # a resume is under way elsewhere; retry after the lease
 OVERFLOWED = "overflowed"  # the replay buffer overflowed: the replay cannot be whole
+PENDING = "pending"        # the draining node is still writing the buffer (its upstream is open)
 LOST = "lost"              # the replay buffer is not all there (Redis failover or restart)
 
 Entry = tuple[str, int, bytes]   # (entry id, opcode, payload)
@@ -65,8 +71,9 @@ class DetachedSessions(Protocol):
         """Replace each session's live record by its detached record, in one round trip."""
 
     async def append(self, sid: str, entries: list[tuple[int, bytes]], max_messages: int,
-                     max_bytes: int) -> tuple[int, str]:
-        """Add to the replay buffer, in order. Returns (how many were added,
+                     max_bytes: int, seal: bool = False) -> tuple[int, str]:
+        """Add to the replay buffer, in order (and with `seal`, mark it
+        complete as far as the draining node goes). Returns (how many were added,
         "ok" | "full" | "gone"): "full" when the caps were reached (the buffer
         is marked overflowed and takes nothing more), "gone" when there is no
         detached session to buffer for (resumed, expired or unknown)."""
@@ -124,7 +131,7 @@ class MemoryDetached:
             until = self._now() + item.window_s
             s._set(f"det:{sid}", {"rec": rec, "th": item.token_hash, "sub": rec.get("sub") or "",
                                   "state": "detached", "until": until, "lease": "", "lease_until": 0.0,
-                                  "n": 0, "bytes": 0, "over": False}, ttl)
+                                  "n": 0, "bytes": 0, "over": False, "sealed": False}, ttl)
             s._set(f"replay:{sid}", [], ttl)
             zset = s._live("detached")
             if zset is None:
@@ -156,10 +163,12 @@ class MemoryDetached:
     def _det(self, sid: str) -> dict | None:
         return self.s._live(f"det:{sid}")
 
-    async def append(self, sid, entries, max_messages, max_bytes):
+    async def append(self, sid, entries, max_messages, max_bytes, seal=False):
         d = self._det(sid)
         if d is None or d["state"] not in ("detached", "resuming"):
             return 0, "gone"
+        if seal:
+            d["sealed"] = True
         if d["over"]:
             return 0, "full"
         buf = self.s._live(f"replay:{sid}")
@@ -183,16 +192,18 @@ class MemoryDetached:
             return UNKNOWN, None
         if not hmac.compare_digest(d["th"], token_hash):
             return FORGED, None
-        if d["sub"] != (sub or ""):
-            return SUBJECT, None
         if d["state"] == "used":
             return USED, None
         if d["state"] == "expired" or d["until"] <= now:
             return EXPIRED, None
+        if d["sub"] != (sub or ""):
+            return SUBJECT, None
         if d["state"] == "resuming" and d["lease"] != node and d["lease_until"] > now:
             return LEASED, {"retry_after_s": d["lease_until"] - now}
         if d["over"]:
             return OVERFLOWED, None
+        if not d["sealed"]:
+            return PENDING, None
         buf = self.s._live(f"replay:{sid}")
         if buf is None or len(buf) != d["n"]:
             return LOST, None

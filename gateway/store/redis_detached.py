@@ -28,7 +28,8 @@ local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
 redis.call('DEL', KEYS[4], KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[5], ARGV[6])
 redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'th', ARGV[2], 'sub', ARGV[3], 'state', 'detached',
-           'until', ARGV[4], 'lease', '', 'lease_until', 0, 'n', 0, 'bytes', 0, 'over', 0, 'run', run)
+           'until', ARGV[4], 'lease', '', 'lease_until', 0, 'n', 0, 'bytes', 0, 'over', 0, 'sealed', 0,
+           'run', run)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[6])
 if KEYS[6] ~= '' then redis.call('SET', KEYS[6], ARGV[6], 'PX', ARGV[5]) end
@@ -43,11 +44,12 @@ end
 return 1
 """
 
-# KEYS: det, replay. ARGV: max_n, max_bytes, (unused), then opcode, payload pairs. The
+# KEYS: det, replay. ARGV: max_n, max_bytes, seal (1/0), then opcode, payload pairs. The
 # stream lives as long as its record.
 _APPEND = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'n', 'bytes', 'over')
 if h[1] ~= 'detached' and h[1] ~= 'resuming' then return {0, 'gone'} end
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'sealed', 1) end
 if h[4] == '1' then return {0, 'full'} end
 local n, bytes = tonumber(h[2]), tonumber(h[3])
 local added = 0
@@ -70,17 +72,18 @@ return {added, 'ok'}
 # KEYS: det, replay. ARGV: th, sub, node, lease_ms, now_ms.
 _TAKE = """
 local h = redis.call('HMGET', KEYS[1], 'th', 'sub', 'state', 'until', 'lease', 'lease_until', 'n', 'over',
-                     'rec', 'run')
+                     'rec', 'run', 'sealed')
 if not h[1] then return {'unknown'} end
 if h[1] ~= ARGV[1] then return {'forged'} end
-if h[2] ~= ARGV[2] then return {'subject'} end
 if h[3] == 'used' then return {'used'} end
 local now = tonumber(ARGV[5])
 if h[3] == 'expired' or tonumber(h[4]) <= now then return {'expired'} end
+if h[2] ~= ARGV[2] then return {'subject'} end
 if h[3] == 'resuming' and h[5] ~= ARGV[3] and tonumber(h[6]) > now then
   return {'leased', tostring(tonumber(h[6]) - now)}
 end
 if h[8] == '1' then return {'overflowed'} end
+if h[11] ~= '1' then return {'pending'} end
 if h[10] ~= string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') then return {'lost'} end
 if tonumber(h[7]) ~= redis.call('XLEN', KEYS[2]) then return {'lost'} end
 redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease', ARGV[3], 'lease_until', now + tonumber(ARGV[4]))
@@ -186,10 +189,10 @@ class RedisDetached:
         async with s._guard("park"):
             await p.execute()
 
-    async def append(self, sid, entries, max_messages, max_bytes):
-        if not entries:
+    async def append(self, sid, entries, max_messages, max_bytes, seal=False):
+        if not entries and not seal:
             return 0, "ok"
-        args = [max_messages, max_bytes, 0]
+        args = [max_messages, max_bytes, 1 if seal else 0]
         for opcode, payload in entries:
             args += [opcode, bytes(payload)]
         async with self.s._guard("replay_append"):

@@ -38,6 +38,8 @@ async def test_park_replaces_the_live_record_and_keeps_the_indexes_pointing_at_n
 async def test_take_checks_token_subject_and_leases_once(cluster):
     a, b = await cluster.node(), await cluster.node()
     await a.detached.park([parked("s1")])
+    assert await a.detached.take("s1", TH, "u1", "nb", 5) == (d.PENDING, None)   # not sealed yet
+    await a.detached.append("s1", [], 100, 1000, seal=True)
     assert await a.detached.take("nope", TH, "u1", "nb", 5) == (d.UNKNOWN, None)
     assert await a.detached.take("s1", "b" * 64, "u1", "nb", 5) == (d.FORGED, None)
     assert await a.detached.take("s1", TH, "someone-else", "nb", 5) == (d.SUBJECT, None)
@@ -54,6 +56,7 @@ async def test_take_checks_token_subject_and_leases_once(cluster):
 async def test_a_lease_that_runs_out_lets_another_node_take_the_session(cluster):
     s = await cluster.node()
     await s.detached.park([parked("s1")])
+    await s.detached.append("s1", [], 100, 1000, seal=True)
     assert (await s.detached.take("s1", TH, "u1", "dies", 0.05))[0] == d.OK
     deadline = asyncio.get_running_loop().time() + 5
     while (await s.detached.take("s1", TH, "u1", "next", 5))[0] != d.OK:
@@ -65,7 +68,7 @@ async def test_a_lease_that_runs_out_lets_another_node_take_the_session(cluster)
 async def test_replay_is_kept_in_order_and_finish_returns_what_came_after_the_read(cluster):
     s = await cluster.node()
     await s.detached.park([parked("s1")])
-    assert await s.detached.append("s1", [(1, b"one"), (2, b"\x00two")], 100, 1000) == (2, "ok")
+    assert await s.detached.append("s1", [(1, b"one"), (2, b"\x00two")], 100, 1000, seal=True) == (2, "ok")
     assert (await s.detached.take("s1", TH, "u1", "nb", 5))[0] == d.OK
     read = await s.detached.read("s1")
     assert [(o, p) for _, o, p in read] == [(1, b"one"), (2, b"\x00two")]
@@ -110,7 +113,7 @@ async def test_a_buffer_from_another_redis_is_lost_not_whole(redis_cluster, redi
     the last appends with it: the resume must be refused, not served short."""
     s = await redis_cluster.node()
     await s.detached.park([parked("s1")])
-    await s.detached.append("s1", [(1, b"one")], 100, 1000)
+    await s.detached.append("s1", [(1, b"one")], 100, 1000, seal=True)
     with redis_server.client() as c:
         c.hset(PREFIX + "det:s1", "run", "another-redis")
     assert await s.detached.take("s1", TH, "u1", "nb", 5) == (d.LOST, None)

@@ -131,9 +131,10 @@ async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
     assert metric(text, refusals) - metric(before, refusals) == 1
 
 
-async def test_sigterm_closes_sessions_1001_and_exits(proc, backend, http):
+async def test_sigterm_closes_sessions_with_the_drain_code_and_exits(proc, backend, http):
+    """With the in-process store nothing outlives the process: no resume token, a plain close."""
     b = await backend()
-    p = proc(proxy_config(b.url, drain={"timeout_s": 5}))
+    p = proc(proxy_config(b.url, drain={"timeout_s": 5, "close_code": 1001}))
     await p.ready(http)
     clients = [await http.ws_connect(p.url + "/ws") for _ in range(5)]
     await clients[0].send_str("x")
@@ -144,7 +145,7 @@ async def test_sigterm_closes_sessions_1001_and_exits(proc, backend, http):
         assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
     assert await p.wait() == 0
     events = [e["event"] for e in p.logs()]
-    assert "started" in events and "shutdown" in events and "stopped" in events
+    assert "started" in events and "drain_started" in events and "stopped" in events
     closes = [e for e in p.logs() if e["event"] == "close"]
     assert len(closes) == 5 and all(e["code"] == 1001 and e["conn"] for e in closes)
 
@@ -247,6 +248,6 @@ async def test_gateway_drain_command_drains_every_worker(proc, backend, http):
     assert json.loads(res.stdout)["draining"] is True
     for ws in clients:
         msg = await ws.receive(timeout=10)
-        assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1012, "going away")   # drain.close_code default
     assert await p.wait() == 0
     assert len([e for e in p.logs() if e["event"] == "stopped"]) == 2

@@ -1,0 +1,156 @@
+"""Draining a node, or some of its sessions, so that no message is lost.
+
+The node drain (SIGTERM, `gateway drain`, POST /v1/drain; DESIGN 7):
+
+1. /readyz answers 503 at once; for drain.announce_s new upgrades are still
+   accepted (load balancers take a while to stop sending them), then they
+   are refused with 503 and Retry-After.
+2. The sessions are detached in batches, drain.rate_per_s on average, with
+   jitter so that clients do not all come back at once. For each batch the
+   detached records (state, token hash, subject, route, endpoint, channels)
+   are written to the store in one round trip, and only then does each
+   client get its close: drain.close_code (1012) with `resume=<token>`.
+3. From that close on, what was meant for the client goes to its replay
+   buffer (replay.py); the client's own frames still reach the upstream
+   until its close comes back; then the upstream is closed and the buffer
+   sealed.
+4. The node exits when every session has ended and every buffer is sealed,
+   or at drain.timeout_s (counted from the end of the announce).
+
+With the in-process store (no `redis:`) nothing outlives the process, so a
+node drain closes sessions with drain.close_code and no token, as a plain
+graceful shutdown; `detach()` (a reload) still offers resume on the node.
+
+`detach()` is step 2-3 for any list of sessions: a reload uses it for the
+sessions whose route was removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from . import metrics, tokens
+from .errors import StoreUnavailable
+from .logs import event
+from .replay import Capture
+from .session import State
+from .store.detached import Parked
+
+log = logging.getLogger("gateway.drain")
+
+BATCHES_PER_S = 10
+
+
+class Drainer:
+    def __init__(self, node, cluster):
+        self.node = node
+        self.cluster = cluster
+        self.captures: set[Capture] = set()
+        self.started = False
+        self.left = 0
+
+    # ------------------------------------------------------------ sessions
+    async def detach(self, sessions, deadline: float | None = None) -> int:
+        """Write these sessions' detached records, then close their clients with
+        a resume token. Returns how many were detached."""
+        node, cluster = self.node, self.cluster
+        cfg = node.config.drain
+        loop = node.loop
+        live = [s for s in sessions if s.state is State.OPEN and not s.client.sent and s.capture is None]
+        if not live:
+            return 0
+        if deadline is None:
+            deadline = loop.time() + cfg.timeout_s
+        issued = []
+        items = []
+        for s in live:
+            token, th = tokens.new(s.session_id)
+            rec = cluster.record(s)
+            rec["state"] = "detached"
+            rec["backend"] = s.backend
+            issued.append((s, token, th))
+            items.append(Parked(rec, th, cfg.resume_window_s))
+        # Ops queued for these sessions land first, so none overwrites its detached record.
+        await cluster.flush_now()
+        try:
+            await cluster.store.detached.park(items)
+        except StoreUnavailable:
+            # Nowhere to keep them: close without a resume. Said, and counted.
+            event(log, "drain_without_resume", logging.ERROR, sessions=len(live), why="session store unreachable")
+            metrics.resume_refusals.labels("store_unreachable_at_drain").inc(len(live))
+            for s in live:
+                s.gateway_close(cfg.close_code, "going away")
+            return 0
+        detached = 0
+        for s, token, th in issued:
+            if s.state is not State.OPEN or s.client.sent:
+                # It ended while its record was written: that record must not wait for a resume.
+                asyncio.ensure_future(self._forget(s, th))
+                continue
+            cluster.detached(s)
+            capture = Capture(s, cluster.store.detached, cfg, s.limits.max_message_bytes, deadline)
+            self.captures.add(capture)
+            capture.done.add_done_callback(lambda _f, c=capture: self.captures.discard(c))
+            s.drain(capture, cfg.close_code, tokens.reason(token))
+            detached += 1
+        return detached
+
+    async def _forget(self, s, th: str) -> None:
+        store = self.cluster.store.detached
+        try:
+            await store.append(s.session_id, [], 0, 0, seal=True)
+            status, _ = await store.take(s.session_id, th, s.sub, self.cluster.node_id, 5.0)
+            if status == "ok":
+                await store.finish(s.session_id, self.cluster.node_id, None)
+        except StoreUnavailable:
+            pass   # it expires with its window
+
+    # ------------------------------------------------------------ the node
+    async def run(self) -> None:
+        """The whole node drain; returns when the node may exit."""
+        node = self.node
+        cfg = node.config.drain
+        loop = node.loop
+        self.started = True
+        node.draining = True
+        metrics.draining.set(1)
+        event(log, "drain_started", node=node.node_id, sessions=len(node.sessions), announce_s=cfg.announce_s,
+              timeout_s=cfg.timeout_s)
+        if cfg.announce_s:
+            await asyncio.sleep(cfg.announce_s)
+        node.refusing = True
+        deadline = loop.time() + cfg.timeout_s
+        # The in-process store ends with this process: a token would lead nowhere,
+        # so sessions are closed (their disconnect events sent) as without resume.
+        resumable = self.cluster.store.outlives_process
+        batch = max(1, int(cfg.rate_per_s / BATCHES_PER_S))
+        detached = 0
+        while loop.time() < deadline:
+            # Again until none is left: a handshake under way when refusing began goes live later.
+            todo = [s for s in list(node.sessions.values()) if s.state is State.OPEN and s.capture is None]
+            if not todo:
+                break
+            self.left = len(todo)
+            metrics.drain_left.set(self.left)
+            for i in range(0, len(todo), batch):
+                if loop.time() >= deadline:
+                    break
+                if resumable:
+                    detached += await self.detach(todo[i:i + batch], deadline)
+                else:
+                    for s in todo[i:i + batch]:
+                        s.gateway_close(cfg.close_code, "going away")
+                self.left = max(0, len(todo) - i - batch)
+                metrics.drain_left.set(self.left)
+                if i + batch < len(todo):
+                    await asyncio.sleep(random.uniform(0.5, 1.5) / BATCHES_PER_S)
+        # Every session ended (client closed, upstream closed) and every buffer sealed.
+        while loop.time() < deadline and (node.sockets or self.captures):
+            await asyncio.sleep(0.02)
+        self.left = len(node.sessions)
+        metrics.drain_left.set(self.left)
+        unsealed = len(self.captures)
+        event(log, "drain_done", node=node.node_id, detached=detached, sessions_left=len(node.sessions),
+              buffers_unsealed=unsealed, timed_out=loop.time() >= deadline)

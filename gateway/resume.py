@@ -1,0 +1,157 @@
+"""Resume: a drained session's client comes back, on any node, and loses nothing.
+
+The client connects again with `?resume=<token>` (or a `Gateway-Resume`
+header) and the same credentials. In order:
+
+1. The token is checked against the detached record and the session taken
+   with a lease (store.detached.take): forged, unknown or another subject is
+   401; expired or already used is 410; a replay that cannot be whole
+   (overflowed, or lost in a Redis failover) is 410 with its reason, so the
+   client knows to start over and resynchronise. A buffer still being
+   written by the draining node is waited for (SEAL_WAIT_S), then 503.
+2. The upstream is dialled again, with the same Gateway-Session-Id and
+   `Gateway-Resumed: 1` (HTTP backends: no second connect event; every
+   request of a resumed session carries `Gateway-Resumed: 1`). A backend
+   that refuses gives the lease back: the client may try again.
+3. After the 101, `finish` marks the session used and hands over its whole
+   buffer in one atomic step; the buffer goes to the client, in order,
+   before anything else; then subscriptions and presence come back, the
+   session record is written, and relaying starts.
+
+Nothing is sent to the client before step 3 succeeds, so a resume that
+fails half-way can be retried without a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import frames, metrics, tokens
+from .errors import StoreUnavailable, Refusal, TRY_AGAIN_LATER
+from .logs import event
+from .store import detached as d
+
+log = logging.getLogger("gateway.resume")
+
+LEASE_S = 30.0        # a resume must finish within this, or another node may take the session
+SEAL_WAIT_S = 3.0     # how long a resume waits for the draining node to seal the buffer
+
+_REFUSALS = {
+    d.UNKNOWN: (401, "resume refused: unknown session (token forged, or forgotten since)"),
+    d.FORGED: (401, "resume refused: the token does not match the session"),
+    d.SUBJECT: (401, "resume refused: the session belongs to another subject"),
+    d.EXPIRED: (410, "resume refused: the resume window has ended; start a new session"),
+    d.USED: (410, "resume refused: the session was resumed already; start a new session"),
+    d.OVERFLOWED: (410, "resume refused: the replay buffer overflowed, messages would be missing; "
+                        "start a new session and resynchronise"),
+    d.LOST: (410, "resume refused: the replay buffer was lost (session store failover or restart), "
+                  "messages would be missing; start a new session and resynchronise"),
+}
+
+
+def requested(head) -> str | None:
+    """The resume token the request carries, if any."""
+    return head.query.get("resume") or head.headers.get("gateway-resume")
+
+
+def _refuse(status_name: str, retry_after_s: float | None = None) -> Refusal:
+    metrics.resume_refusals.labels(status_name).inc()
+    if status_name == d.LEASED:
+        return Refusal(503, "resume refused: a resume of this session is under way elsewhere; retry",
+                       metric="resume_leased", headers=(("Retry-After", str(max(1, round(retry_after_s or 1)))),))
+    if status_name == d.PENDING:
+        return Refusal(503, "resume refused: the session's previous node is still writing its replay; retry",
+                       metric="resume_pending", headers=(("Retry-After", "1"),))
+    status, reason = _REFUSALS[status_name]
+    return Refusal(status, reason, metric=f"resume_{status_name}")
+
+
+async def claim(node, raw: str, token: str | None):
+    """Check the token and take the session. Returns (route, claims, record)."""
+    parsed = tokens.parse(raw)
+    if parsed is None:
+        raise _refuse(d.FORGED)
+    sid, th = parsed
+    store = node.cluster.store.detached
+    try:
+        peek = await store.get(sid)
+    except StoreUnavailable:
+        raise Refusal(503, "resume refused: session store unreachable; retry", metric="resume_store_unavailable",
+                      headers=(("Retry-After", "2"),)) from None
+    route = None
+    if peek is not None:
+        route = _route(node, peek.get("route"))
+    claims = None
+    if route is not None and route.wants_token and (token is not None or route.needs_token):
+        claims = await node.identity.verify(token)   # 401 on any problem with the credentials
+    sub = claims.get("sub") if claims and isinstance(claims.get("sub"), str) else None
+    loop = asyncio.get_running_loop()
+    wait_until = loop.time() + SEAL_WAIT_S
+    while True:
+        try:
+            status, rec = await store.take(sid, th, sub, node.node_id, LEASE_S)
+        except StoreUnavailable:
+            raise Refusal(503, "resume refused: session store unreachable; retry",
+                          metric="resume_store_unavailable", headers=(("Retry-After", "2"),)) from None
+        if status != d.PENDING or loop.time() >= wait_until:
+            break
+        await asyncio.sleep(0.05)
+    if status != d.OK:
+        raise _refuse(status, (rec or {}).get("retry_after_s"))
+    if route is None:
+        route = _route(node, rec.get("route"))
+    if route is None:
+        await release(node, sid)
+        metrics.resume_refusals.labels("route_gone").inc()
+        raise Refusal(410, "resume refused: the session's route no longer exists; start a new session",
+                      metric="resume_route_gone")
+    return route, (claims if route.wants_token else None), rec
+
+
+def _route(node, name):
+    return next((r for r in node.routing.router.routes if r.name == name), None)
+
+
+async def release(node, sid: str) -> None:
+    """Give the lease back (the resume failed before anything reached the client)."""
+    try:
+        await node.cluster.store.detached.release(sid, node.node_id)
+    except StoreUnavailable:
+        pass   # the lease runs out by itself
+
+
+def backend_of(rec: dict, plan, routing) -> str | None:
+    """The backend the session had, if the config still has it; else the route's pick."""
+    name = rec.get("backend")
+    if name is not None and (name in routing.pools or name in routing.sinks):
+        return name
+    return plan.pick()
+
+
+async def complete(node, s, rec: dict, pending: bytes, leftover: bytes) -> None:
+    """After the 101: the replay, then the session goes live (see the module docstring)."""
+    sid = s.session_id
+    try:
+        entries = await node.cluster.store.detached.finish(sid, node.node_id, None)
+    except StoreUnavailable:
+        entries = None
+    if s.client.gone or s.client.sent:
+        if entries is None:
+            await release(node, sid)
+        return
+    if entries is None:
+        # Store gone, or the lease ran out and another node has the session: nothing was sent.
+        await release(node, sid)
+        metrics.resume_refusals.labels("finish_failed").inc()
+        s.gateway_close(TRY_AGAIN_LATER, "resume failed; retry")
+        return
+    write = s.transport.write
+    for _, opcode, payload in entries:
+        write(frames.frame(opcode, payload))
+    s.u_msgs += len(entries)
+    metrics.replayed.inc(len(entries))
+    metrics.resumes.inc()
+    node.resumed(s, rec.get("channels") or ())
+    event(log, "resumed", conn=s.id, session=sid, replayed=len(entries), from_node=rec.get("node"))
+    s.start(pending, leftover)
