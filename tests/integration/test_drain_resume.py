@@ -17,6 +17,7 @@ from gateway import frames, metrics
 
 from ..conftest import proxy_config
 from ..helpers import RawClient, until
+from ..httppeer import http_peer  # noqa: F401  (fixture)
 from .numbered import NumberedBackend, NumberedClient, contiguous
 
 SECRET = "d" * 64
@@ -127,7 +128,8 @@ async def test_frames_the_backend_sends_after_the_1012_are_replayed_in_order(gat
     await asyncio.sleep(0.2)       # the backend goes on sending: all of it is kept for the resume
     raw.send_frame(frames.OP_CLOSE, frames.close_payload(1000, ""))
     await asyncio.wait_for(drain, 10)
-    resumed = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('bob')}&resume={token}")
+    # The token may come as a header as well as ?resume=.
+    resumed = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('bob')}", {"Gateway-Resume": token})
     assert resumed.status == 101
     before = len(got)
     for _ in range(60):
@@ -168,3 +170,146 @@ async def test_bad_resume_tokens_are_refused_with_a_reason(gateway, redis_server
         ok = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('carol')}&resume={token}")
         assert ok.status == 101
         ok.writer.close()
+
+
+async def drained_token(gw, http, sub: str, seen: list | None = None) -> tuple[str, str, asyncio.Future]:
+    """Connect as `sub`, drain `gw`, answer the 1012: (token, session id, the drain task).
+    What the client got before the close is added to `seen`."""
+    ws = await http.ws_connect(f"{gw.url}/ws?access_token={jwt_for(sub)}")
+    sid = sid_of(gw)
+    drain = asyncio.ensure_future(gw.stop())
+    msg = await ws.receive(timeout=5)
+    while msg.type == WSMsgType.TEXT:
+        if seen is not None:
+            seen.append(msg.data)
+        msg = await ws.receive(timeout=5)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1012)
+    return msg.extra.removeprefix("resume="), sid, drain
+
+
+async def api(http, gw, method, path, **kw):
+    async with http.request(method, gw.admin_url + path, headers=AUTH, **kw) as r:
+        return r.status, await r.json()
+
+
+async def test_pushes_to_a_detached_session_are_buffered_and_replayed_in_order(gateway, redis_server, numbered,
+                                                                             http):
+    a, b = await two_nodes(gateway, redis_server, numbered.url)
+    before = []
+    token, sid, drain = await drained_token(a, http, "dave", before)
+    await asyncio.wait_for(drain, 10)
+    for i in (1, 2, 3):
+        status, body = await api(http, b, "POST", f"/v1/connections/{sid}/messages", data=f"p{i}")
+        assert (status, body) == (200, {"delivered": 1, "buffered": 1})
+    status, body = await api(http, b, "POST", "/v1/users/dave/messages", data="p4")
+    assert status == 200 and body["delivered"] == 1 and body["buffered"] == 1
+    status, rec = await api(http, b, "GET", f"/v1/connections/{sid}")
+    assert status == 200 and rec["state"] == "detached"
+    ws = await http.ws_connect(f"{b.url}/ws?access_token={jwt_for('dave')}&resume={token}")
+    got = list(before)
+    while len(got) < 30:
+        got.append((await ws.receive(timeout=5)).data)
+    pushed = [m for m in got if m.startswith("p")]
+    assert pushed == ["p1", "p2", "p3", "p4"]
+    contiguous("s", [m for m in got if m.startswith("s")])
+    # The pushes came before anything the new upstream sent.
+    last_replayed = max(int(m[1:]) for m in got[:got.index("p4")] if m.startswith("s")) if any(
+        m.startswith("s") for m in got[:got.index("p4")]) else 0
+    assert all(int(m[1:]) > last_replayed for m in got[got.index("p4") + 1:] if m.startswith("s"))
+    await ws.close()
+
+
+async def test_a_full_buffer_tells_the_caller_and_the_resume_is_refused_whole(gateway, redis_server, numbered,
+                                                                             http):
+    numbered.interval_s = 3600   # only the first message: the buffer holds exactly what the test pushes
+    a, b = await two_nodes(gateway, redis_server, numbered.url, replay_max_messages=2)
+    token, sid, drain = await drained_token(a, http, "erin")
+    await asyncio.wait_for(drain, 10)
+    statuses = [(await api(http, b, "POST", f"/v1/connections/{sid}/messages", data=f"p{i}"))[0] for i in range(3)]
+    assert statuses == [200, 200, 507]
+    raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('erin')}&resume={token}")
+    assert raw.status == 410
+    assert b"overflowed" in await raw.reader.read()
+
+
+async def test_readiness_goes_at_once_new_clients_are_taken_for_announce_s_then_refused(gateway, backend, http):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url, drain={"timeout_s": 5, "announce_s": 0.6}))
+    early = await http.ws_connect(gw.url + "/ws")
+    drain = asyncio.ensure_future(gw.stop())
+    await until(lambda: asyncio.sleep(0, gw.node.draining), what="drain started")
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 503
+    async with http.get(gw.admin_url + "/v1/nodes", headers=AUTH) as r:
+        (me,) = (await r.json())["nodes"]
+        assert me["state"] == "draining"
+    assert metrics.draining._value.get() == 1
+    late = await http.ws_connect(gw.url + "/ws")     # inside announce_s: still accepted
+    await late.send_str("x")
+    assert (await late.receive(timeout=5)).data == "x"
+
+    async def refused():
+        raw = await RawClient.connect(gw.url + "/ws")
+        raw.close()
+        return raw if raw.status == 503 else None
+    raw = await until(refused, what="upgrades refused after announce_s")
+    assert raw.headers.get("retry-after")
+    for ws in (early, late):   # no Redis: nothing outlives the process, so no token
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1012, "going away")
+    await asyncio.wait_for(drain, 10)
+
+
+async def test_an_http_backend_session_resumes_without_a_second_connect_event(gateway, redis_server, http,
+                                                                               http_peer):
+    from aiohttp import web
+
+    async def answer(request, body):
+        if request.headers.get("Gateway-Event") == "message":
+            return web.Response(body=b"re:" + body, content_type="text/plain")
+        return web.Response(status=204)
+
+    peer = await http_peer(answer)
+    nodes = []
+    for name in ("node-a", "node-b"):
+        cfg = node_cfg(name, redis_server.url, "ws://127.0.0.1:1/unused")
+        cfg["backends"] = {"h": {"type": "http", "endpoints": [peer.url]}}
+        cfg["routes"] = [{"name": "r", "match": {"path": "/ws"}, "auth": "required", "backend": "h",
+                          "events": {"connect": "h", "disconnect": "h"}}]
+        nodes.append(await gateway(cfg))
+    a, b = nodes
+    ws = await http.ws_connect(f"{a.url}/ws?access_token={jwt_for('frank')}")
+    await ws.send_str("m1")
+    assert (await ws.receive(timeout=5)).data == "re:m1"
+    drain = asyncio.ensure_future(a.stop())
+    msg = await ws.receive(timeout=5)
+    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1012)
+    await asyncio.wait_for(drain, 10)
+    ws = await http.ws_connect(f"{b.url}/ws?access_token={jwt_for('frank')}&resume={msg.extra[len('resume='):]}")
+    await ws.send_str("m2")
+    assert (await ws.receive(timeout=5)).data == "re:m2"
+    events = [r.event for r in peer.requests]
+    assert events == ["connect", "message", "message"]   # no disconnect at the drain, no second connect
+    first, second = (r for r in peer.requests if r.event == "message")
+    assert first.headers["Gateway-Session-Id"] == second.headers["Gateway-Session-Id"]
+    assert "Gateway-Resumed" not in first.headers and second.headers["Gateway-Resumed"] == "1"
+    await ws.close()
+    await until(lambda: asyncio.sleep(0, [r.event for r in peer.requests][-1:] == ["disconnect"]),
+                what="one disconnect event when the resumed session ends")
+    assert [r.event for r in peer.requests].count("disconnect") == 1
+
+
+async def test_with_redis_down_the_drain_closes_without_a_token_and_says_so(gateway, redis_server, numbered, http):
+    a = await gateway(node_cfg("node-a", redis_server.url, numbered.url))
+    ws = await http.ws_connect(f"{a.url}/ws?access_token={jwt_for('gina')}")
+    await ws.receive(timeout=5)
+    redis_server.stop()
+    try:
+        drain = asyncio.ensure_future(a.stop())
+        msg = await ws.receive(timeout=10)
+        while msg.type == WSMsgType.TEXT:
+            msg = await ws.receive(timeout=10)
+        assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1012, "going away")
+        await asyncio.wait_for(drain, 20)
+    finally:
+        redis_server.start()
