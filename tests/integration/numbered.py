@@ -28,6 +28,7 @@ class NumberedBackend:
         self.sent: dict[str, int] = collections.defaultdict(int)          # session -> last number sent
         self.got: dict[str, list[str]] = collections.defaultdict(list)    # session -> client messages
         self.handshakes: list = []
+        self.refuse: int | None = None     # answer upgrades with this status instead
         self.active = 0
         self.runner = None
         self.port = 0
@@ -48,6 +49,8 @@ class NumberedBackend:
 
     async def _ws(self, request):
         sid = request.headers["Gateway-Session-Id"]
+        if self.refuse is not None:
+            return web.Response(status=self.refuse, text="not now")
         self.handshakes.append(request.headers.copy())
         ws = web.WebSocketResponse(compress=False)
         await ws.prepare(request)

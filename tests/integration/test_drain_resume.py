@@ -313,3 +313,55 @@ async def test_with_redis_down_the_drain_closes_without_a_token_and_says_so(gate
         await asyncio.wait_for(drain, 20)
     finally:
         redis_server.start()
+
+
+async def test_a_resume_that_fails_half_way_does_not_burn_the_session(gateway, redis_server, numbered, http):
+    """The backend refuses the reopened upstream: 502, and the token still works once it is back.
+    A resume leased by a node that then vanished: 503 with Retry-After until the lease runs out."""
+    a, b = await two_nodes(gateway, redis_server, numbered.url)
+    seen = []
+    token, sid, drain = await drained_token(a, http, "hank", seen)
+    await asyncio.wait_for(drain, 10)
+    numbered.refuse = 503
+    raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('hank')}&resume={token}")
+    assert raw.status == 502
+    numbered.refuse = None
+    # Another node takes the lease and dies before finishing.
+    from gateway.store.detached import OK
+    from gateway import tokens as tk
+
+    _, th = tk.parse(token)
+    status, _ = await b.cluster.store.detached.take(sid, th, "hank", "vanished-node", 0.5)
+    assert status == OK
+    raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('hank')}&resume={token}")
+    assert raw.status == 503 and raw.headers.get("retry-after")
+
+    async def resumed():
+        ws = await http.ws_connect(f"{b.url}/ws?access_token={jwt_for('hank')}&resume={token}")
+        return ws
+    with_retry = None
+    for _ in range(50):
+        try:
+            with_retry = await resumed()
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    assert with_retry is not None, "the session could not be resumed after the lease ran out"
+    while len(seen) < 30:
+        seen.append((await with_retry.receive(timeout=5)).data)
+    contiguous("s", seen)
+    await with_retry.close()
+
+
+async def test_an_expired_token_is_410(gateway, redis_server, numbered, http):
+    a, b = await two_nodes(gateway, redis_server, numbered.url, resume_window_s=0.2)
+    token, sid, drain = await drained_token(a, http, "ivy")
+    await asyncio.wait_for(drain, 10)
+
+    async def due():   # past the window: listed as due, or already expired by a node's sweep
+        store = b.cluster.store.detached
+        return sid in await store.due(10) or await store.get(sid) is None
+    await until(due, timeout_s=5, what="the window to end")
+    raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('ivy')}&resume={token}")
+    assert raw.status == 410
+    assert b"window has ended" in await raw.reader.read()
