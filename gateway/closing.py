@@ -95,6 +95,12 @@ class Closing:
         self._maybe_finish()
 
     def _upstream_close_frame(self, parsed: tuple[int, str], raw: bytes) -> None:
+        if self.move is not None:
+            # The upstream being let go (seam.py) answered, or closed first: not the client's business.
+            self.upstream_leaving(parsed[0])
+            return
+        if self.redial is not None and self.redial.upstream_closed(self, parsed[0]):
+            return  # 1001/1012 on a reattach backend: the session moves on, the client sees nothing
         upstream = self.upstream
         upstream.on(CloseEvent.CLOSE_RECEIVED)
         if self.fault_close is not None:

@@ -79,6 +79,8 @@ class Session(Closing, Seam):
         "closer", "close_code", "close_reason", "pending_close", "fault_close",
         # detach/attach: the hold, the upstream being let go, what waits for which boundary
         "held", "leaving", "c_switch", "u_stop", "detach_waiter",
+        # reattach: how to dial another upstream (reattach.Redial, None: never moved), a move under way
+        "redial", "move",
         # housekeeping
         "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u",
         # what sinks and the management API keep per session
@@ -123,6 +125,7 @@ class Session(Closing, Seam):
         self.pending_close = self.fault_close = None
         self.held = self.leaving = self.detach_waiter = None
         self.c_switch = self.u_stop = False
+        self.redial = self.move = None
         self.ticks = self.quiet_ticks = self.last_msgs = 0
         self.ping_due = False
         self.flushed_c = self.flushed_u = 0

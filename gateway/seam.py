@@ -1,9 +1,25 @@
 """A session's sockets: the `Side` protocol each socket gets while relaying,
 and the seam where the upstream connection is let go and another attached.
 
+Two ways across the seam:
+
+- `detach_upstream` / `attach_upstream`: break, then make. Both streams stop
+  at their next frame boundary, the old upstream gets a 1001, client frames
+  wait in a hold (it pauses the client when full) until the next one is
+  attached.
+- `move_upstream` (reattach, gateway/reattach.py): make before break. The
+  new upstream, already dialled, takes the client stream at its next frame
+  boundary, when the old one gets a 1001 ("session moved"); the old one's
+  frames still reach the client until its close answer comes (bounded by
+  close_timeout_s), and only then the new one's. Nothing either upstream
+  sent is dropped. When the old upstream closed first (1001/1012,
+  `upstream_leaving`) its close is answered at the switch instead, and
+  client frames wait in a hold (over send_buffer_bytes: 1013) until the
+  next upstream is dialled and attached.
+
 A mixin of relay.Session (its slots live there), like closing.py. Nothing
 here runs per message: the relay functions call into it only at the frame
-boundary where a detach was asked for.
+boundary where a detach or a move was asked for.
 """
 
 from __future__ import annotations
@@ -11,7 +27,7 @@ from __future__ import annotations
 import asyncio
 
 from . import frames
-from .errors import GOING_AWAY, InvalidTransition
+from .errors import GOING_AWAY, TRY_AGAIN_LATER, InvalidTransition
 from .frames import OP_CLOSE
 from .session import Close, Link, LinkEvent, State
 
@@ -52,24 +68,31 @@ class _Hold:
     """The upstream while it is detached: client frames wait here, in order.
 
     Bounded by send_buffer_bytes: past it the client is not read any more
-    (TCP backpressure) until an upstream is attached. Looks like a transport
-    to the relay, so the per-message path does not change while detached.
+    (TCP backpressure) until an upstream is attached; a `strict` hold (a
+    reattach's, which no operator waits on) closes the session with 1013
+    instead. Looks like a transport to the relay, so the per-message path
+    does not change while detached.
     """
 
-    __slots__ = ("s", "buf", "limit", "paused", "cut")
+    __slots__ = ("s", "buf", "limit", "paused", "cut", "strict")
 
-    def __init__(self, session: "Seam", limit: int):
+    def __init__(self, session: "Seam", limit: int, strict: bool = False):
         self.s = session
         self.buf = bytearray()
         self.limit = limit
         self.paused = False
         self.cut = False
+        self.strict = strict
 
     def write(self, data) -> None:
+        if self.cut:
+            return
         self.buf += data
         if len(self.buf) > self.limit and not self.paused:
             self.paused = True
             self.s.transport.pause_reading()
+            if self.strict:
+                asyncio.get_running_loop().call_soon(self.s._hold_overflowed, self)
 
     def get_write_buffer_size(self) -> int:
         return len(self.buf)
@@ -95,6 +118,65 @@ class _Hold:
     def _lost(self) -> None:
         if self.s.up is self:
             self.s.upstream_lost()
+
+
+class _Move:
+    """One upstream being swapped for another (`Seam.move_upstream`), and what it waits for.
+
+    The old upstream is `leaving`: client frames go to it until the client
+    stream's switch point, its frames reach the client until its close comes.
+    The new one (`to`, or the hold when it is still to be dialled) takes the
+    client stream at the switch; what it sends waits in `pending` until the
+    old one's stream has ended, so the client sees the old stream whole, then
+    the new one.
+    """
+
+    __slots__ = ("old", "old_code", "requested", "switched", "to", "pending", "endpoint", "waiter", "timer")
+
+    def __init__(self, old, waiter: asyncio.Future):
+        self.old = old
+        self.old_code: int | None = None   # its close came (1006: it went without one)
+        self.requested = False             # move_upstream said where client frames go
+        self.switched = False              # ... and they go there now
+        self.to = None
+        self.pending: _Pending | None = None
+        self.endpoint = None
+        self.waiter = waiter
+        self.timer = None
+
+
+class _Pending(asyncio.Protocol):
+    """The next upstream while the old one still sends: its bytes wait here, in
+    order, until the old stream has ended. Bounded like the hold: past
+    send_buffer_bytes it is not read any more."""
+
+    __slots__ = ("s", "transport", "buf", "limit", "gone")
+
+    def __init__(self, session: "Seam", transport, leftover: bytes, limit: int):
+        self.s = session
+        self.transport = transport
+        self.buf = bytearray(leftover)
+        self.limit = limit
+        self.gone = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > self.limit:
+            self.transport.pause_reading()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.gone = True
+        if self.s.up is self.transport:
+            self.s.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.s.stalled(False)
+
+    def resume_writing(self) -> None:
+        self.s.unstalled(False)
 
 
 class _Retired(asyncio.Protocol):
@@ -136,7 +218,7 @@ def fileno(transport) -> int:
 
 
 class Seam:
-    """detach_upstream / attach_upstream: the upstream swapped at frame boundaries."""
+    """The upstream swapped at frame boundaries: detach/attach, and move (see the module docstring)."""
 
     __slots__ = ()
 
@@ -154,10 +236,7 @@ class Seam:
         Frame boundaries, not message boundaries: a reattach policy that must
         not split a fragmented message waits for one (`c_msg == 0`) itself.
         """
-        if self.state is not State.OPEN or self.sink is not None or self.upstream.close is not Close.OPEN \
-                or self.client.close is not Close.OPEN:
-            raise InvalidTransition(f"detach in state {self.state.name} (upstream {self.upstream.close.name}, "
-                                    f"client {self.client.close.name})")
+        self._check_movable("detach")
         self.upstream.link_on(LinkEvent.DETACH)
         waiter = self.detach_waiter = self.node.loop.create_future()
         self.leaving = self.up
@@ -169,13 +248,22 @@ class Seam:
             self._stop_upstream_stream()
         return waiter
 
+    def _check_movable(self, what: str) -> None:
+        if self.state is not State.OPEN or self.sink is not None or self.upstream.close is not Close.OPEN \
+                or self.client.close is not Close.OPEN or self.upstream.link is not Link.ATTACHED:
+            raise InvalidTransition(f"{what} in state {self.state.name} (upstream {self.upstream.close.name} "
+                                    f"{self.upstream.link.name}, client {self.client.close.name})")
+
     def _switch_client_stream(self) -> None:
-        """At a client frame boundary: client frames go to the hold from here on."""
+        """At a client frame boundary: client frames go to the hold (or the next upstream) from here on."""
         self.c_switch = False
         if self.u_later:  # answers owed to the old upstream (pongs) go to it first
             data = self.u_later
             self.u_later = b""
             self.up.write(data)
+        if self.move is not None:
+            self._move_client_stream()
+            return
         self.up = self.held
         self.u_fd = -1
         self._maybe_detached()
@@ -198,27 +286,49 @@ class Seam:
         old.set_protocol(_RETIRED)
         old.write(frames.frame(OP_CLOSE, frames.close_payload(GOING_AWAY, "session moved"), mask=True))
         old.close()
-        if self.endpoint is not None:
-            self.endpoint.active -= 1
-            self.endpoint = None
-        if self.stall_timer is not None and not self.stall_client:
-            # The old upstream's full buffer no longer holds the client back.
-            self.stall_timer.cancel()
-            self.stall_timer = None
-        if not self.held.paused and not self.client.gone:
-            self.transport.resume_reading()
+        self._let_go_endpoint()
+        self._client_unblocked()
         waiter = self.detach_waiter
         self.detach_waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _let_go_endpoint(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.active -= 1
+            self.endpoint = None
+
+    def _client_unblocked(self) -> None:
+        """The old upstream takes no more client frames: its full buffer no longer holds the client back."""
+        if self.stall_timer is not None and not self.stall_client:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+        held = self.held
+        if (held is None or not held.paused) and not self.client.gone:
+            self.transport.resume_reading()
+
     def _drop_leaving(self) -> None:
-        """The upstream was lost (or cut) while detaching or detached: give the seam up."""
+        """The upstream was lost (or cut) while detaching, detached or moving: give the seam up."""
         old = self.leaving
+        m = self.move
+        self.move = None
         if old is not None:
             self.leaving = None
             old.set_protocol(_RETIRED)
-            old.abort()
+            if m is not None and m.old_code is not None and m.old_code != 1006:
+                if not m.switched:
+                    old.write(_close_answer(m.old_code))
+                old.close()   # it closed first: its close is answered, not cut
+            else:
+                old.abort()
+        if m is not None:
+            if m.timer is not None:
+                m.timer.cancel()
+            if m.to is not None:
+                m.to.set_protocol(_RETIRED)
+                m.to.abort()
+            if not m.waiter.done():
+                m.waiter.set_result(False)
         self.c_switch = self.u_stop = False
         held = self.held
         if held is not None:
@@ -238,8 +348,12 @@ class Seam:
         if held is None or held.cut or self.upstream.gone or self.upstream.link is not Link.DETACHED:
             raise InvalidTransition(f"attach in link state {self.upstream.link.name} "
                                     f"(upstream {self.upstream.close.name})")
-        self.upstream.link_on(LinkEvent.ATTACH)
         self.held = None
+        self._attach(transport, endpoint, bytes(held.buf), leftover)
+
+    def _attach(self, transport, endpoint, first: bytes, leftover: bytes) -> None:
+        """`transport` becomes the upstream: `first` is written to it, `leftover` is what it already sent."""
+        self.upstream.link_on(LinkEvent.ATTACH)
         self.up = transport
         transport.set_protocol(Side(self, self.from_upstream, self.upstream_lost, False))
         transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
@@ -247,11 +361,156 @@ class Seam:
             self.endpoint = endpoint
             endpoint.active += 1
         self.u_seen = True
-        if not self.client.gone:
+        if not self.client.gone and transport.get_write_buffer_size() <= self.limits.send_buffer_bytes:
             self.transport.resume_reading()  # before the flush, which may pause it again (stalled)
-        if held.buf:
-            transport.write(bytes(held.buf))
+        if first:
+            transport.write(first)
         self.u_fd = fileno(transport)
         if leftover:
             self.from_upstream(leftover)
         transport.resume_reading()
+
+    # ------------------------------------------------------------ move (reattach)
+    def move_upstream(self, transport=None, leftover: bytes = b"", endpoint=None) -> asyncio.Future:
+        """Make before break: `transport` (dialled, paused) takes over from the upstream.
+
+        At the client stream's next frame boundary client frames go to
+        `transport` (None: to a strict hold, for `attach_upstream` later) and
+        the old upstream gets a 1001 (or, if it closed first, the answer to its
+        close). Its frames keep reaching the client until its close comes,
+        for close_timeout_s at most; then what `transport` sent follows. The
+        future is True once the old upstream is let go (False: the session
+        lost its upstream meanwhile and is closing).
+
+        Call it at a client message boundary (`c_msg == 0`): a fragmented
+        message is never split between two upstreams.
+        """
+        if self.c_msg:
+            raise InvalidTransition("move in the middle of a client message")
+        m = self.move
+        if m is None:
+            m = self._begin_move()
+        elif m.requested:
+            raise InvalidTransition("move already under way")
+        m.requested = True
+        if transport is None:
+            self.held = _Hold(self, self.limits.send_buffer_bytes, strict=True)
+        else:
+            m.to = transport
+            m.endpoint = endpoint
+            m.pending = _Pending(self, transport, leftover, self.limits.send_buffer_bytes)
+            transport.set_protocol(m.pending)
+            transport.set_write_buffer_limits(high=self.limits.send_buffer_bytes)
+        self.c_switch = True
+        if not self.c_remaining:
+            self._switch_client_stream()
+        return m.waiter
+
+    def upstream_leaving(self, code: int) -> None:
+        """The upstream's close frame came, and the session outlives it: the close
+        does not reach the client, it is answered at the client's switch point.
+
+        Either the answer to a move's 1001, or the upstream closing first
+        (1001/1012, reattach): then a move begins here, and `move_upstream`
+        (at a client message boundary) says where client frames go next.
+        """
+        m = self.move
+        if m is None:
+            m = self._begin_move()
+        m.old_code = code
+        m.old.set_protocol(_RETIRED)  # its stream has ended
+        if m.timer is not None:
+            m.timer.cancel()
+            m.timer = None
+        self._maybe_moved()
+
+    def give_up_upstream(self, code: int, reason: str) -> None:
+        """No upstream takes the session (a failed reattach): `code` to the client,
+        what is left of the upstream side goes."""
+        if self.move is None and self.held is None:
+            self.gateway_close(code, reason)   # still on its upstream: it gets the usual 1001
+            return
+        self.gateway_close(code, reason)
+        if not self.upstream.gone:
+            self.upstream_lost()
+
+    def _begin_move(self) -> _Move:
+        self._check_movable("move")
+        self.upstream.link_on(LinkEvent.DETACH)
+        old = self.leaving = self.up
+        old.set_protocol(Side(self, self.from_upstream, self._leaving_lost, False))
+        m = self.move = _Move(old, self.node.loop.create_future())
+        return m
+
+    def _move_client_stream(self) -> None:
+        """At the client stream's switch point: the old upstream gets its close, client frames go on."""
+        m = self.move
+        m.switched = True
+        if m.old_code is None:
+            m.old.write(frames.frame(OP_CLOSE, frames.close_payload(GOING_AWAY, "session moved"), mask=True))
+            m.timer = self.node.loop.call_later(self.limits.close_timeout_s, self._leaving_timeout)
+        elif m.old_code != 1006:
+            m.old.write(_close_answer(m.old_code))
+        if m.to is None:
+            self.up = self.held
+            self.u_fd = -1
+        else:
+            self.up = m.to
+            self.u_fd = fileno(m.to)
+            if m.pending.gone:   # the new one went before it took over
+                self.upstream_lost()
+                return
+        self._client_unblocked()
+        self._maybe_moved()
+
+    def _maybe_moved(self) -> None:
+        """Both streams are past the old upstream: let it go, let the new one's frames through."""
+        m = self.move
+        if m is None or not m.switched or m.old_code is None:
+            return
+        self.move = None
+        if m.timer is not None:
+            m.timer.cancel()
+        old = self.leaving
+        self.leaving = None
+        old.set_protocol(_RETIRED)
+        old.close()   # both closes went (or it is gone)
+        self.u_buf = b""  # a control frame it left unfinished, of which the client saw nothing
+        self.u_need = 0
+        self.upstream.link_on(LinkEvent.AT_BOUNDARY)
+        self._let_go_endpoint()
+        if m.to is not None:
+            self._attach(m.to, m.endpoint, b"", bytes(m.pending.buf))
+        if not m.waiter.done():
+            m.waiter.set_result(True)
+
+    def _leaving_lost(self) -> None:
+        """The old upstream's socket went during a move (or its close answer is late)."""
+        m = self.move
+        if m is None:
+            return
+        if not m.switched or self.u_remaining:
+            # Client frames still go to it, or the client has part of a frame
+            # nothing can finish: the session has lost its upstream.
+            self.upstream_lost()
+            return
+        m.old_code = 1006
+        self._maybe_moved()
+
+    def _leaving_timeout(self) -> None:
+        m = self.move
+        if m is None:
+            return
+        m.timer = None
+        m.old.set_protocol(_RETIRED)
+        m.old.abort()
+        self._leaving_lost()
+
+    def _hold_overflowed(self, held: _Hold) -> None:
+        if self.held is held and self.up is held and not held.cut:
+            self.give_up_upstream(TRY_AGAIN_LATER, "reattach buffer full")
+
+
+def _close_answer(code: int) -> bytes:
+    # RFC 6455 5.5.1: the answer "typically echos the status code it received".
+    return frames.frame(OP_CLOSE, frames.close_payload(code) if code != 1005 else b"", mask=True)
