@@ -35,6 +35,7 @@ operators in docs/redis.md:
     P det:{sid}             hash    a drained session waiting for its resume (detached.py)
     P replay:{sid}          stream  its replay buffer
     P detached              zset    session id -> end of its resume window (ms)
+    P ep:{backend}          hash    draining endpoint URL -> unix time its drain ends (reattach.py)
 """
 
 from __future__ import annotations
@@ -165,3 +166,11 @@ class Store(Protocol):
         Raises errors.HistoryEpochChanged (409) when `epoch` is not the
         current one, errors.HistoryTrimmed (410) when entries after `since`
         are no longer held. `since=0, epoch=None` reads what is held."""
+
+    # ---- draining endpoints (reattach): every node stops choosing them
+    async def set_endpoint_draining(self, backend: str, url: str, ttl_s: float) -> None:
+        """Mark `url` of `backend` draining for the next `ttl_s` seconds (again: from now on)."""
+    async def clear_endpoint_draining(self, backend: str, url: str) -> None:
+        """`url` takes new sessions again."""
+    async def draining_endpoints(self, backend: str) -> set[str]:
+        """The endpoint URLs of `backend` whose drain has not ended."""

@@ -421,3 +421,18 @@ class MemoryStore:
         first = since + 1 - h.entries[0].offset
         entries = [h.entries[i] for i in range(first, min(first + max(limit, 0), len(h.entries)))]
         return HistoryPage(current, offset, entries)
+
+    # ---- draining endpoints (reattach); `until` is this store's clock
+
+    async def set_endpoint_draining(self, backend: str, url: str, ttl_s: float) -> None:
+        key = f"ep:{backend}"
+        drains = self._live(key) or {}
+        drains[url] = self._clock() + ttl_s
+        self._set(key, drains, max(drains.values()) - self._clock())   # the key outlives its latest drain
+
+    async def clear_endpoint_draining(self, backend: str, url: str) -> None:
+        self._discard(f"ep:{backend}", url)
+
+    async def draining_endpoints(self, backend: str) -> set[str]:
+        now = self._clock()
+        return {url for url, until in (self._live(f"ep:{backend}") or {}).items() if until > now}

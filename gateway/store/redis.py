@@ -578,6 +578,42 @@ class RedisStore:
         entries = [HistoryEntry(_entry_offset(eid), int(f[b"opcode"]), f[b"payload"]) for eid, f in page]
         return HistoryPage(current, offset, entries)
 
+    # ---- draining endpoints (reattach): a hash URL -> unix time the drain ends
+
+    async def set_endpoint_draining(self, backend: str, url: str, ttl_s: float) -> None:
+        """One script: the field, and the key's TTL kept past its latest drain. (Drains
+        are rare: the script object is made per call, bound to the current client.)"""
+        script = self._redis.register_script(_DRAIN)
+        async with self._guard("set_endpoint_draining"):
+            await script(keys=[self._k(f"ep:{backend}")], args=[url, repr(time.time() + ttl_s), _ms(ttl_s)])
+
+    async def clear_endpoint_draining(self, backend: str, url: str) -> None:
+        async with self._guard("clear_endpoint_draining"):
+            await self._redis.hdel(self._k(f"ep:{backend}"), url)
+
+    async def draining_endpoints(self, backend: str) -> set[str]:
+        async with self._guard("draining_endpoints"):
+            h = await self._redis.hgetall(self._k(f"ep:{backend}"))
+        now = time.time()
+        out = set()
+        for url, until in h.items():
+            try:
+                if float(until) > now:
+                    out.add(_s(url))
+            except ValueError:
+                continue
+        return out
+
+
+# KEYS: the endpoint hash. ARGV: url, unix time its drain ends, ttl_ms.
+_DRAIN = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
 
 def _entry_offset(entry_id) -> int:
     return int(_s(entry_id).partition("-")[0])
