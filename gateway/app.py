@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from . import admin, config as config_mod, metrics
+from . import admin, config as config_mod, metrics, reattach
 from .cluster import Cluster
 from .errors import ConfigError
 from .handshake import Handshake
@@ -74,6 +74,7 @@ class Gateway:
                 await self.runner.cleanup()
             raise
         node.start()
+        reattach.watch_health(node)   # a failed health check moves sessions (reattach backends)
         listen_port = self.server.sockets[0].getsockname()[1]
         admin_port = site._server.sockets[0].getsockname()[1]
         self.ports = (listen_port, admin_port)

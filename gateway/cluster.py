@@ -28,7 +28,7 @@ import logging
 import os
 import time
 
-from . import metrics
+from . import metrics, reattach
 from .config import Redis
 from .delivery import Delivery
 from .errors import StoreUnavailable
@@ -255,6 +255,7 @@ class Cluster:
                 backoff = 0.1
                 await self._self_check()
                 await self._reap()
+                await reattach.refresh_draining(self.node, self.store)   # endpoint drains missed on the bus
                 await asyncio.sleep(st.heartbeat_s)
             except StoreUnavailable:
                 self._store_failed()

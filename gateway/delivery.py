@@ -19,7 +19,7 @@ import logging
 
 import orjson
 
-from . import frames, metrics
+from . import frames, metrics, reattach
 from .config import ChannelRule
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
@@ -144,6 +144,8 @@ class Delivery:
             return {"n": sum(1 for s in list(node.by_sub.get(h["sub"]) or ()) if s.send_raw(frame))}
         if op == "chan":
             return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"))}
+        if op == "ep_drain":
+            return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
@@ -373,3 +375,21 @@ class Delivery:
                 "messages": [{"offset": e.offset, "type": "text" if e.opcode == frames.OP_TEXT else "binary",
                               "data": e.payload.decode("utf-8") if e.opcode == frames.OP_TEXT
                               else e.payload.hex()} for e in page.entries]}
+
+    async def drain_endpoint(self, backend: str, url: str, draining: bool, ttl_s: float) -> dict:
+        """An endpoint starts (or stops) draining, cluster-wide: into the store first
+        (so a node that misses the bus learns it at its next heartbeat), then this
+        node and every other one move their sessions off it at once."""
+        if draining:
+            await self.store.set_endpoint_draining(backend, url, ttl_s)
+        else:
+            await self.store.clear_endpoint_draining(backend, url)
+        n = reattach.endpoint_draining(self.node, backend, url, draining)
+        others = {rec["id"] for rec, _age in await self.store.nodes() if rec is not None} - {self.node_id}
+        answers, missing = await self._ask(others, {"op": "ep_drain", "backend": backend, "endpoint": url,
+                                                    "draining": draining})
+        out = {"backend": backend, "endpoint": url, "draining": draining,
+               "moving": n + sum(a.get("n", 0) for a in answers.values())}
+        if missing:
+            out["unconfirmed_nodes"] = missing
+        return out

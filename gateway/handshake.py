@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from . import auth, frames, http1, httpbackend
+from . import auth, frames, http1, httpbackend, reattach
 from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
 from .relay import Session, log as session_log
 from .routing import strip_query, upstream_target
@@ -210,6 +210,9 @@ class Handshake(asyncio.Protocol):
         s.endpoint = ep
         ep.active += 1
         s.deflate = bool(extensions)
+        if backend.on_upstream_close == "reattach":   # what a move to another endpoint needs (reattach.py)
+            s.redial = reattach.Redial(backend.name, hash_key(backend.hash_on, head, s, claims), target_for,
+                                       forwarded, resp.headers.get("sec-websocket-protocol"), extensions)
         if not protocol and client_offer and not offered:
             # The client offered only `bearer.<token>`: browsers fail a handshake
             # whose answer names none of the offered protocols, so echo its own.

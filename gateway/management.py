@@ -17,6 +17,7 @@ before checking.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -46,15 +47,21 @@ _ALSO_TEXT = frozenset({"application/x-www-form-urlencoded", "application/xml", 
 # [] when applied, None when the supervisor was asked to reload every worker.
 RELOAD: web.AppKey = web.AppKey("reload")
 
+# An endpoint drain ends by itself after this long unless the call says otherwise
+# (an endpoint that comes back at the same URL takes sessions again).
+DRAIN_TTL_S = 600.0
+MAX_DRAIN_TTL_S = 7 * 86400.0
+
+
 def error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-async def read_message(request: web.Request, cap: int) -> tuple[int, bytes]:
-    """(opcode, payload) from a request body; 413 past `cap` bytes, without reading it all."""
+async def read_body(request: web.Request, cap: int, what: str = "message") -> bytes:
+    """The request body; 413 past `cap` bytes, without reading it all."""
     n = request.content_length
     if n is not None and n > cap:
-        raise ApiError(413, f"message too big (max {cap} bytes)")
+        raise ApiError(413, f"{what} too big (max {cap} bytes)")
     chunks = []
     size = 0
     while True:
@@ -63,9 +70,14 @@ async def read_message(request: web.Request, cap: int) -> tuple[int, bytes]:
             break
         size += len(chunk)
         if size > cap:
-            raise ApiError(413, f"message too big (max {cap} bytes)")
+            raise ApiError(413, f"{what} too big (max {cap} bytes)")
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_message(request: web.Request, cap: int) -> tuple[int, bytes]:
+    """(opcode, payload) from a request body; 413 past `cap` bytes, without reading it all."""
+    body = await read_body(request, cap)
     kind = request.query.get("type")
     if kind == "binary":
         return frames.OP_BINARY, body
@@ -81,6 +93,18 @@ async def read_message(request: web.Request, cap: int) -> tuple[int, bytes]:
     return reply_opcode(ctype, body), body
 
 
+async def read_json(request: web.Request, cap: int = 4096) -> dict:
+    """A small JSON object body (400 otherwise, 413 past `cap` bytes)."""
+    raw = await read_body(request, cap, "body")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(400, "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body
+
+
 def _channel(request: web.Request) -> str:
     name = request.match_info["name"]
     try:
@@ -92,8 +116,8 @@ def _channel(request: web.Request) -> str:
 def _local_or_gone(node, delivery, conn_id: str):
     """The open session on this node; 410 if it ended here recently (or is closing), None otherwise."""
     s = delivery.local(conn_id)
-    if s is not None and s.state is State.OPEN:
-        return s
+    if s is not None and (s.state is State.OPEN or s.capture is not None):
+        return s   # open, or draining (what is sent to it goes to its replay buffer)
     gone = node.closed.get(conn_id)
     if s is not None or gone is not None:
         code = gone[0] if gone is not None else s.close_code
@@ -234,8 +258,28 @@ def add_routes(app: web.Application, node, cluster) -> None:
                                   "routes": len(cfg.routes), "backends": len(cfg.backends)})
 
     async def endpoint_drain(request):
-        raise ApiError(501, "draining backend endpoints needs session reattach, which this release "
-                            "does not have yet")
+        """POST drains an endpoint cluster-wide (DELETE ends the drain): body {"endpoint": URL, "ttl_s": N}."""
+        name = request.match_info["name"]
+        spec = node.config.backends.get(name)
+        if spec is None:
+            raise ApiError(404, "unknown backend", backend=name[:128])
+        if spec.type != "websocket":
+            raise ApiError(400, f"backend {name!r} is {spec.type}: only websocket backends have endpoints to drain")
+        body = await read_json(request)
+        url = body.get("endpoint")
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, 'body must be {"endpoint": "<one of the backend\'s endpoint URLs>"}',
+                           endpoints=list(spec.endpoints))
+        draining = request.method == "POST"
+        if draining and url not in spec.endpoints:
+            raise ApiError(404, "not an endpoint of this backend", endpoint=url[:256], endpoints=list(spec.endpoints))
+        ttl_s = body.get("ttl_s", DRAIN_TTL_S)
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not 0 < ttl_s <= MAX_DRAIN_TTL_S:
+            raise ApiError(400, f"ttl_s must be a number of seconds in (0, {MAX_DRAIN_TTL_S}]")
+        answer = await delivery.drain_endpoint(name, url, draining, float(ttl_s))
+        event(log, "endpoint_drain" if draining else "endpoint_undrain", backend=name, endpoint=url,
+              ttl_s=ttl_s if draining else None, moving=answer["moving"])
+        return web.json_response(answer, status=202 if draining else 200)
 
     @web.middleware
     async def json_errors(request: web.Request, handler):
@@ -267,3 +311,4 @@ def add_routes(app: web.Application, node, cluster) -> None:
     r.add_get("/v1/nodes", nodes)
     r.add_post("/v1/reload", reload)
     r.add_post("/v1/backends/{name}/endpoints/drain", endpoint_drain)
+    r.add_delete("/v1/backends/{name}/endpoints/drain", endpoint_drain)

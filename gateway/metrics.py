@@ -35,6 +35,8 @@ rate_limited = Counter("gateway_rate_limited_messages_total",
                        "Client messages dropped for exceeding messages_per_second + burst")
 resumes = Counter("gateway_resumes_total", "Sessions resumed")
 reattaches = Counter("gateway_reattaches_total", "Sessions moved to another upstream endpoint")
+reattach_failures = Counter("gateway_reattach_failures_total",
+                           "Sessions that could not be moved to another upstream endpoint", ["trigger"])
 replayed = Counter("gateway_replayed_messages_total", "Messages replayed after resume")
 config_reloads = Counter("gateway_config_reloads_total", "Config reloads", ["result"])
 store_available = Gauge("gateway_store_available", "1 while the session store (Redis) answers, 0 during an outage",

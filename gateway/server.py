@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import auth, builtin, http1, httpbackend, metrics
+from . import auth, builtin, http1, httpbackend, metrics, reattach
 from .channels import Channels, RecentlyClosed
 from .dispatch import RoutePlan
 from .config import Config
@@ -145,7 +145,11 @@ class Node:
         for pool in self.routing.pools.values():
             pool.start_health()
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config) -> int:
+        """Apply a valid config: new sessions use it at once; open ones keep their
+        route and limits. A session whose endpoint is gone moves to another
+        (reattach backends; on the others it keeps its upstream). Returns how
+        many sessions are moving."""
         old = self.routing
         identity = Identity(config)  # raises ConfigError before anything changes
         self.routing = Routing(config, old, node=self)
@@ -160,6 +164,15 @@ class Node:
             if self.routing.pools.get(name) is not pool:
                 asyncio.ensure_future(pool.stop())
         self.start()
+        moving = 0
+        for name, pool in self.routing.pools.items():
+            prior = old.pools.get(name)
+            if prior is not None and prior is not pool:
+                pool.draining = prior.draining   # as the store said; the next heartbeat reads it again
+                removed = set(prior.spec.endpoints) - set(pool.spec.endpoints)
+                moving += reattach.move_off(self, name, removed, "removed") if removed else 0
+        reattach.watch_health(self)
+        return moving
 
     async def shutdown(self, timeout: float, rate_per_s: float, code: int = GOING_AWAY) -> None:
         """Stop taking sessions, close the open ones in paced batches, wait."""

@@ -3,9 +3,11 @@
 A pool orders its endpoints for each new session (round robin, least
 connections or rendezvous hashing), skips the ones that are ejected (too many
 consecutive dial failures, for a cool-down) or unhealthy (active checks), and
-falls back to them only when nothing else is left. `dial_any` tries them in
-that order until one answers the upgrade: the handshake uses it for a new
-session, and a reattach can use it for an existing one.
+falls back to them only when nothing else is left. Draining endpoints
+(`POST /v1/backends/{name}/endpoints/drain`, kept in the store so that every
+node knows) are never chosen. `dial_any` tries them in that order until one
+answers the upgrade: the handshake uses it for a new session, a reattach
+(gateway/reattach.py) for an existing one, without the endpoint it leaves.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hashlib
 import logging
 import ssl
 import time
+from typing import Callable
 from urllib.parse import urlsplit
 
 from . import frames, http1, metrics
@@ -23,6 +26,8 @@ from .errors import NoBackendAvailable, UpstreamRefused
 from .logs import event
 
 log = logging.getLogger("gateway.upstream")
+
+MAX_CONCURRENT_MOVES = 64   # per pool: a drained endpoint's sessions move in waves, not in one storm
 
 
 class Endpoint:
@@ -59,12 +64,20 @@ class BackendPool:
         self.endpoints = [Endpoint(u) for u in spec.endpoints]
         self._rr = 0
         self._health_task: asyncio.Task | None = None
+        self.draining: set[str] = set()   # endpoint URLs no session is sent to (the store's, as last read)
+        # Called with (pool, endpoint) when an active check finds an endpoint unhealthy (reattach).
+        self.on_unhealthy: Callable[[BackendPool, Endpoint], None] | None = None
+        self.moves = asyncio.Semaphore(MAX_CONCURRENT_MOVES)   # reattach dials in flight
 
     # ---- choosing
-    def order(self, hash_key: str | None) -> list[Endpoint]:
-        """Endpoints to try for one new session, best first."""
+    def order(self, hash_key: str | None, leaving: str | None = None) -> list[Endpoint]:
+        """Endpoints to try for one new session (or one that is `leaving` an endpoint), best first."""
         now = time.monotonic()
-        eps = self.endpoints
+        skip = self.draining
+        eps = self.endpoints if not skip and leaving is None else \
+            [e for e in self.endpoints if e.url not in skip and e.url != leaving]
+        if not eps:
+            return []
         n = len(eps)
         balance = self.spec.balance
         if balance == "consistent_hash" and hash_key is not None:
@@ -95,8 +108,9 @@ class BackendPool:
 
     # ---- dialling
     async def dial_any(self, hash_key: str | None, target_for, headers: list[tuple[str, str]],
-                       timeout: float) -> tuple[Endpoint, asyncio.Transport, http1.ResponseHead, bytes]:
-        """Open a WebSocket to the first endpoint (in `order(hash_key)`) that takes it.
+                       timeout: float, leaving: str | None = None
+                       ) -> tuple[Endpoint, asyncio.Transport, http1.ResponseHead, bytes]:
+        """Open a WebSocket to the first endpoint (in `order(hash_key, leaving)`) that takes it.
 
         `target_for(endpoint)` is the request target for that endpoint.
         Returns (endpoint, transport (paused), response head, bytes read past
@@ -107,7 +121,7 @@ class BackendPool:
         that is its answer, not a failure. None answering raises
         NoBackendAvailable.
         """
-        for ep in self.order(hash_key):
+        for ep in self.order(hash_key, leaving):
             try:
                 transport, head, leftover = await dial(ep, target_for(ep), headers, timeout)
             except UpstreamRefused as exc:
@@ -180,6 +194,8 @@ class BackendPool:
                 ep.healthy = False
                 log.warning("endpoint unhealthy", extra={"fields": {"event": "endpoint_unhealthy",
                                                                     "backend": self.name, "endpoint": ep.url}})
+                if self.on_unhealthy is not None:
+                    self.on_unhealthy(self, ep)
 
 
 _client_tls: ssl.SSLContext | None = None
