@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -31,6 +32,17 @@ def make_store(cfg: config_mod.Config):
 
 log = logging.getLogger("gateway")
 
+WATCH_S = 1.0   # watch: true polls the config file this often
+
+
+def config_digest(path: str) -> bytes | None:
+    """A digest of the file's content as the path resolves now (None: unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).digest()
+    except OSError:
+        return None
+
 
 class Gateway:
     """A running node: listener, admin API, signal handling, shutdown."""
@@ -44,6 +56,8 @@ class Gateway:
         self.server: asyncio.AbstractServer | None = None
         self.runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
+        self._watcher: asyncio.Task | None = None   # watch: true (watch_config)
+        self._applied: bytes | None = None          # digest of the config file as last (re)loaded
         self.ports: tuple[int, int] = (0, 0)
 
     async def start(self) -> None:
@@ -75,6 +89,8 @@ class Gateway:
             raise
         node.start()
         reattach.watch_health(node)   # a failed health check moves sessions (reattach backends)
+        if cfg.watch:
+            self.watch_config()
         listen_port = self.server.sockets[0].getsockname()[1]
         admin_port = site._server.sockets[0].getsockname()[1]
         self.ports = (listen_port, admin_port)
@@ -93,26 +109,72 @@ class Gateway:
             self.request_stop()
 
     def reload(self) -> list[str]:
-        """Re-read the config file. Returns the problems found (nothing changes then)."""
+        """Re-read the config file. Returns the problems found (nothing changes then,
+        and they are logged, each with its file:line:col).
+
+        A valid file applies at once to new sessions; open ones keep their route
+        and limits, except that those whose endpoint is gone move to another
+        (reattach backends; Node.reload). No connection is dropped.
+        """
+        self._applied = config_digest(self.cfg.source)   # what the watcher compares with
         try:
             cfg = config_mod.load(self.cfg.source)
-            self.node.reload(cfg)
+            moving = self.node.reload(cfg)
         except ConfigError as exc:
-            metrics.config_reloads.labels("error").inc()
-            event(log, "reload_failed", logging.ERROR, problems=exc.problems)
-            return exc.problems
+            return self._refused(exc)
         if (cfg.listen, cfg.admin, cfg.workers, cfg.redis, cfg.node_id) != \
                 (self.cfg.listen, self.cfg.admin, self.cfg.workers, self.cfg.redis, self.cfg.node_id):
             event(log, "reload_needs_restart", logging.WARNING,
                   detail="listen, admin, workers, node_id and redis change only on restart; the rest was applied")
         self.cfg = cfg
         metrics.config_reloads.labels("ok").inc()
-        event(log, "reloaded", config=cfg.source)
+        event(log, "reloaded", config=cfg.source, moving=moving)
+        if cfg.watch:
+            self.watch_config()
         return []
 
+    def _refused(self, exc: ConfigError) -> list[str]:
+        metrics.config_reloads.labels("error").inc()
+        event(log, "reload_failed", logging.ERROR, problems=exc.problems)
+        return exc.problems
+
+    def watch_config(self) -> None:
+        """watch: true: reload when the file's content changes (polled every WATCH_S).
+
+        The content, not the mtime: a Kubernetes ConfigMap update swaps the
+        `..data` symlink the file resolves through, so path, inode and mtime
+        of what the path names all change at once, and an editor may keep the
+        mtime. A change is applied once it reads the same twice in a row, so a
+        file caught half-written is not reloaded (and refused) on the way.
+        """
+        if self._watcher is None or self._watcher.done():
+            if self._applied is None:
+                self._applied = config_digest(self.cfg.source)
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        seen = None
+        while self.cfg.watch and not self.stopping.is_set():
+            await asyncio.sleep(WATCH_S)
+            digest = config_digest(self.cfg.source)
+            if digest is None or digest == self._applied:
+                seen = None
+            elif digest != seen:
+                seen = digest   # changed: reload once it has settled
+            else:
+                seen = None
+                event(log, "config_changed", config=self.cfg.source)
+                self.reload()
+
     def reload_node(self) -> list[str] | None:
-        """POST /v1/reload: every worker reloads. None when the supervisor was asked."""
+        """POST /v1/reload: every worker reloads. None when the supervisor was asked
+        (the file was checked here first, so that a broken one is answered with its
+        problems; then every worker loads and checks it again)."""
         if self.worker is not None:
+            try:
+                config_mod.load(self.cfg.source)
+            except ConfigError as exc:
+                return self._refused(exc)
             os.kill(os.getppid(), signal.SIGHUP)
             return None
         return self.reload()
@@ -120,6 +182,8 @@ class Gateway:
     async def stop(self) -> None:
         """Shutdown, in one place: stop accepting, close sessions paced, exit."""
         node = self.node
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.server is not None:
             self.server.close()
         drain = self.cfg.drain

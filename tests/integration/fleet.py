@@ -11,8 +11,8 @@ sessions while their connection is open, and records what the client sends.
 a close with 1012, then it keeps reading (and recording) until the close is
 answered (RFC 6455 5.5.1).
 
-`NumberedClient` sends "c1", "c2", ... through the gateway and reads; it
-never reconnects, so a close it sees is a close the gateway let through.
+`numbered_client` runs numbered.py's client ("c1", "c2", ...) through the
+gateway, without its reconnects: a close it sees is one the gateway let through.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gateway.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 from ..conftest import proxy_config
 from ..helpers import until
+from .numbered import NumberedClient, contiguous
 
 
 class Fleet:
@@ -182,55 +183,34 @@ async def holds(cond, timeout_s: float, what: str):
     return await until(check, timeout_s, what)
 
 
-class NumberedClient:
-    """Sends "c1", "c2", ... every `interval_s` and reads, until stopped."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str, interval_s: float = 0.002):
-        self.http = http
-        self.url = url
-        self.interval_s = interval_s
-        self.sent = 0
-        self.got: list[str] = []
-        self.closed: tuple | None = None   # (code, reason) if the gateway closed it
-        self.ws = None
-        self._tasks: list[asyncio.Task] = []
-        self.stopping = False
-
-    async def start(self) -> "NumberedClient":
-        self.ws = await self.http.ws_connect(self.url)
-        self._tasks = [asyncio.ensure_future(self._send()), asyncio.ensure_future(self._recv())]
-        return self
-
-    async def _send(self) -> None:
-        while not self.stopping and not self.ws.closed:
-            await self.ws.send_str(f"c{self.sent + 1}")
-            self.sent += 1
-            await asyncio.sleep(self.interval_s)
-
-    async def _recv(self) -> None:
-        async for msg in self.ws:
-            if msg.type == WSMsgType.TEXT:
-                self.got.append(msg.data)
-        self.closed = (self.ws.close_code, "")
-
-    async def stop_sending(self) -> None:
-        self.stopping = True
-        await self._tasks[0]
-
-    async def close(self) -> None:
-        self.stopping = True
-        for t in self._tasks:
-            t.cancel()
-        await self.ws.close()
+async def numbered_client(http: aiohttp.ClientSession, url: str) -> NumberedClient:
+    """numbered.py's client, sending "c1", "c2", ... and reading until stopped (`stop_sending`);
+    it never reconnects, so a close in its `closes` is a close the gateway let through."""
+    c = NumberedClient(http, url, interval_s=0.002)
+    await c.connect()
+    c.stop = asyncio.Event()
+    c.sender = asyncio.ensure_future(c._send_loop(c.stop))
+    c.reader = asyncio.ensure_future(_read(c))
+    return c
 
 
-def numbered(prefix: str, seen: list[str]) -> int:
-    """`seen` is prefix1, prefix2, ... with nothing lost, doubled or reordered; returns its length."""
-    expected = [f"{prefix}{i}" for i in range(1, len(seen) + 1)]
-    if seen != expected:
-        bad = next(i for i, (a, b) in enumerate(zip(seen, expected)) if a != b) if len(seen) == len(expected) else 0
-        raise AssertionError(f"{prefix}-stream broken at index {bad}: {seen[max(0, bad - 3):bad + 4]}")
-    return len(seen)
+async def _read(c: NumberedClient) -> None:
+    async for msg in c.ws:
+        if msg.type == WSMsgType.TEXT:
+            c.got.append(msg.data)
+    c.closes.append((c.ws.close_code, ""))
+
+
+async def stop_sending(c: NumberedClient) -> None:
+    c.stop.set()
+    await c.sender
+
+
+async def close(c: NumberedClient) -> None:
+    c.stop.set()
+    await c.close()
+    c.sender.cancel()
+    c.reader.cancel()
 
 
 async def settle(clients: list[NumberedClient], fleet: Fleet, sids: list[str], timeout_s: float = 10) -> None:
@@ -238,13 +218,13 @@ async def settle(clients: list[NumberedClient], fleet: Fleet, sids: list[str], t
     and check both streams of every session: nothing lost, doubled or reordered."""
     fleet.quiet = True
     for c in clients:
-        await c.stop_sending()
+        await stop_sending(c)
     for c, sid in zip(clients, sids):
         await holds(lambda: len(fleet.got[sid]) >= c.sent, timeout_s, f"the backend got {sid}'s {c.sent} messages")
         await holds(lambda: len(c.got) >= fleet.sent[sid], timeout_s, f"{sid} got the backend's messages")
-        assert numbered("c", fleet.got[sid]) == c.sent
-        assert numbered("s", c.got) == fleet.sent[sid]
-        assert c.closed is None, f"the client of {sid} was closed: {c.closed}"
+        assert contiguous("c", fleet.got[sid]) == c.sent
+        assert contiguous("s", c.got) == fleet.sent[sid]
+        assert c.closes == [], f"the client of {sid} was closed: {c.closes}"
 
 
 # ------------------------------------------------------------ a gateway in front of the fleet
@@ -260,7 +240,7 @@ async def clients(http, gw, n: int) -> tuple[list[NumberedClient], list[str]]:
     out, sids = [], []
     for _ in range(n):
         before = set(gw.node.sessions)
-        c = await NumberedClient(http, gw.url + "/ws").start()
+        c = await numbered_client(http, gw.url + "/ws")
         await holds(lambda: set(gw.node.sessions) - before, BOUND_S, "the session is live")
         (conn,) = set(gw.node.sessions) - before
         out.append(c)

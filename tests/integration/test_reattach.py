@@ -18,7 +18,7 @@ from gateway.store import MemoryStore, RedisStore
 
 from ..conftest import proxy_config
 from ..helpers import RawClient, until
-from .fleet import BOUND_S, Fleet, api, clients, holds, on, reattach_config, settle, traffic
+from .fleet import BOUND_S, Fleet, api, clients, close, holds, on, reattach_config, settle, traffic
 
 
 async def two_nodes(http, gw) -> bool:
@@ -56,7 +56,7 @@ async def test_drained_endpoint_moves_its_session_and_the_client_sees_nothing(ga
         assert resumed[0]["Gateway-Connection-Id"] == resumed[1]["Gateway-Connection-Id"] == s.id
     finally:
         for c in cs:
-            await c.close()
+            await close(c)
         await a.stop()
         await b.stop()
 
@@ -104,7 +104,7 @@ async def test_rolling_replacement_of_every_endpoint_loses_nothing(gateway, http
             assert all(set(e.closes) == {1001} for e in old)   # "session moved"
     finally:
         for c in cs:
-            await c.close()
+            await close(c)
         for e in old + new:
             await e.stop()
 
@@ -126,7 +126,7 @@ async def test_failing_health_checks_move_the_session(gateway, http):
         assert a.closes == [1001]
     finally:
         for c in cs:
-            await c.close()
+            await close(c)
         await a.stop()
         await b.stop()
 
@@ -144,12 +144,12 @@ async def test_no_endpoint_left_closes_the_client_with_1011(gateway, http, how):
         else:
             status, _ = await api(http, gw, "POST", "/v1/backends/b/endpoints/drain", {"endpoint": a.url})
             assert status == 202
-        await holds(lambda: cs[0].closed is not None, BOUND_S, "the client closed")
-        assert cs[0].closed[0] == 1011
+        await holds(lambda: cs[0].closes, BOUND_S, "the client closed")
+        assert cs[0].closes[0][0] == 1011
         await holds(lambda: not gw.node.sessions, BOUND_S, "the session ended")
     finally:
         for c in cs:
-            await c.close()
+            await close(c)
         await a.stop()
 
 
@@ -219,11 +219,11 @@ async def test_a_close_backend_keeps_todays_behaviour(gateway, http):
         assert (on(gw, first.url), on(gw, second.url)) == (1, 3)
         # A 1012 from the backend reaches the client, as it is.
         await first.restart(1012)
-        await holds(lambda: cs[0].closed is not None, BOUND_S, "the client of the restarted endpoint closed")
-        assert cs[0].closed[0] == 1012 and all(c.closed is None for c in cs[1:])
+        await holds(lambda: cs[0].closes, BOUND_S, "the client of the restarted endpoint closed")
+        assert cs[0].closes[0][0] == 1012 and not any(c.closes for c in cs[1:])
     finally:
         for c in cs:
-            await c.close()
+            await close(c)
         await a.stop()
         await b.stop()
 
