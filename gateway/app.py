@@ -12,6 +12,7 @@ from aiohttp import web
 
 from . import admin, config as config_mod, metrics, reattach
 from .cluster import Cluster
+from .drain import Drainer
 from .errors import ConfigError
 from .handshake import Handshake
 from .logs import event
@@ -53,6 +54,7 @@ class Gateway:
         self.worker = worker
         self.node: Node | None = None
         self.cluster: Cluster | None = None
+        self.drainer: Drainer | None = None
         self.server: asyncio.AbstractServer | None = None
         self.runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
@@ -71,6 +73,7 @@ class Gateway:
         node.on_open = cluster.opened
         node.on_close = cluster.closed
         node.channels.observer = cluster
+        node.drainer = self.drainer = Drainer(node, cluster)
         app = admin.build(node, cluster, self.drain_node, self.reload_node)   # refuses an open admin API
         await cluster.start()
         try:
@@ -113,13 +116,14 @@ class Gateway:
         and they are logged, each with its file:line:col).
 
         A valid file applies at once to new sessions; open ones keep their route
-        and limits, except that those whose endpoint is gone move to another
+        and limits, except that those whose route is gone are drained with 1012
+        and a resume token and those whose endpoint is gone move to another
         (reattach backends; Node.reload). No connection is dropped.
         """
         self._applied = config_digest(self.cfg.source)   # what the watcher compares with
         try:
             cfg = config_mod.load(self.cfg.source)
-            moving = self.node.reload(cfg)
+            drained, moving = self.node.reload(cfg)
         except ConfigError as exc:
             return self._refused(exc)
         if (cfg.listen, cfg.admin, cfg.workers, cfg.redis, cfg.node_id) != \
@@ -128,7 +132,7 @@ class Gateway:
                   detail="listen, admin, workers, node_id and redis change only on restart; the rest was applied")
         self.cfg = cfg
         metrics.config_reloads.labels("ok").inc()
-        event(log, "reloaded", config=cfg.source, moving=moving)
+        event(log, "reloaded", config=cfg.source, drained=drained, moving=moving)
         if cfg.watch:
             self.watch_config()
         return []
@@ -180,14 +184,14 @@ class Gateway:
         return self.reload()
 
     async def stop(self) -> None:
-        """Shutdown, in one place: stop accepting, close sessions paced, exit."""
+        """Shutdown, in one place: drain (drain.py), then stop accepting and exit."""
         node = self.node
         if self._watcher is not None:
             self._watcher.cancel()
+        await self.drainer.run()   # the listener stays open meanwhile: late clients get a 503, not a reset
         if self.server is not None:
             self.server.close()
-        drain = self.cfg.drain
-        await node.shutdown(drain.timeout_s, drain.rate_per_s, drain.close_code)
+        await node.shutdown(node.loop.time() + 5.0)
         if self.cluster is not None:
             await self.cluster.stop()   # the closes' records, then this node, leave the store
         if self.runner is not None:

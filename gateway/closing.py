@@ -149,6 +149,8 @@ class Closing:
         else:
             self.transport.write(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
             client.on(CloseEvent.CLOSE_SENT)
+            if self.capture is not None:
+                self._capture_upstream()   # draining: the upstream's frames are kept for the resume
         if at_once:
             # A fault: nothing further is relayed, the upstream is closed now.
             self._send_upstream_close(GOING_AWAY, "client error")

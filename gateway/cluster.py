@@ -54,7 +54,7 @@ class LostSession:
         def __init__(self, name: str):
             self.name = name
 
-    def __init__(self, rec: dict):
+    def __init__(self, rec: dict, why: str = "gateway node lost", code: int = 1006):
         self.id = rec.get("connection") or rec["session"]
         self.session_id = rec["session"]
         self.route = self._Route(rec.get("route") or "")
@@ -62,8 +62,8 @@ class LostSession:
         self.claims = rec.get("claims") or {}
         self.sub = rec.get("sub")
         self.sink_state = None
-        self.close_code = 1006
-        self.close_reason = "gateway node lost"
+        self.close_code = code
+        self.close_reason = why
         self.closer = "gateway"
 
 
@@ -141,8 +141,15 @@ class Cluster:
         self._queue(Put(self.record(s)))
 
     def closed(self, s) -> None:
+        if s.capture is not None:
+            return   # drained: its detached record replaced the live one (detached())
         self.by_session.pop(s.session_id, None)
         self._queue(Delete(session=s.session_id, node=self.node_id, sub=s.sub))
+
+    def detached(self, s) -> None:
+        """The session's detached record is in the store: it is no longer this
+        node's to refresh, re-write or delete."""
+        self.by_session.pop(s.session_id, None)
 
     # Channels observer: called by node.channels on every change.
     def joined(self, s, name: str) -> None:
@@ -225,6 +232,7 @@ class Cluster:
         return {
             "id": self.node_id,
             "state": "draining" if node.draining else "ready",
+            "sessions_left": node.drainer.left if node.draining and node.drainer is not None else None,
             "connections": len(node.sessions),
             "channels": len(node.channels.members),
             "pid": os.getpid(),
@@ -256,6 +264,7 @@ class Cluster:
                 await self._self_check()
                 await self._reap()
                 await reattach.refresh_draining(self.node, self.store)   # endpoint drains missed on the bus
+                await self._expire_detached()
                 await asyncio.sleep(st.heartbeat_s)
             except StoreUnavailable:
                 self._store_failed()
@@ -320,14 +329,25 @@ class Cluster:
             metrics.nodes_reaped.labels("sessions").inc(len(sids))
             event(log, "node_reaped", logging.WARNING, dead_node=dead, sessions=len(sids), disconnects=events)
 
-    def _send_lost_disconnect(self, rec: dict) -> bool:
+    async def _expire_detached(self) -> None:
+        """Detached sessions whose resume window ended: one node (expire() gives
+        each record to one caller) sends their disconnect event."""
+        for sid in await self.store.detached.due(500):
+            rec = await self.store.detached.expire(sid)
+            if rec is None:
+                continue
+            metrics.detached_expired.inc()
+            sent = self._send_lost_disconnect(rec, "resume window ended", 1012)
+            event(log, "detached_expired", session=sid, disconnect_event=sent)
+
+    def _send_lost_disconnect(self, rec: dict, why: str = "gateway node lost", code: int = 1006) -> bool:
         """The disconnect event of a session whose node died. take_session gave
         this record to exactly one node, so the event goes out once."""
         backend = (rec.get("events") or {}).get("disconnect")
         sink = self.node.routing.sinks.get(backend) if backend else None
         if sink is None or not hasattr(sink, "disconnect"):
             return False
-        sink.disconnect(LostSession(rec))
+        sink.disconnect(LostSession(rec, why, code))
         return True
 
     async def nodes(self) -> list[dict]:

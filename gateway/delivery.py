@@ -23,6 +23,7 @@ from . import frames, metrics, reattach
 from .config import ChannelRule
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
+from .store.detached import DETACHED_NODE
 
 log = logging.getLogger("gateway.cluster")
 
@@ -245,9 +246,68 @@ class Delivery:
     async def send_to_connection(self, any_id: str, opcode: int, payload: bytes) -> dict:
         s = self.local(any_id)
         if s is not None:
+            if s.capture is not None:
+                # Draining here: it joins the replay buffer; answered once it is written,
+                # so the caller's next push cannot overtake it.
+                kept = s.send_message(opcode, payload)
+                await s.capture.flushed()
+                if not kept:
+                    raise ApiError(507, "the session is detached and its replay buffer is full; "
+                                        "the message was not kept", connection=any_id)
+                return {"delivered": 1, "buffered": 1}
             return {"delivered": 1 if s.send_message(opcode, payload) else 0}
+        for _ in range(3):
+            if await self._where(any_id) is not None:
+                break
+            det = await self._detached(any_id)
+            if det is None:
+                break
+            kept, full, _ = await self._buffer([det["session"]], opcode, payload)
+            if not kept and not full:
+                continue    # it was resumed just now: look again
+            if not kept:
+                raise ApiError(507, "the session is detached and its replay buffer is full; "
+                                    "the message was not kept", connection=any_id, session=det["session"])
+            return {"delivered": 1, "buffered": 1}
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
         return {"delivered": answer.get("n", 0)}
+
+    # ------------------------------------------------------------ detached sessions
+    async def _detached(self, any_id: str) -> dict | None:
+        """The detached record of a drained session, by session or connection id."""
+        det = await self.store.detached.get(any_id)
+        if det is None:
+            sid = await self.store.session_of_connection(any_id)
+            if sid is not None and sid != any_id:
+                det = await self.store.detached.get(sid)
+        return det
+
+    async def _buffer(self, sids, opcode: int, payload: bytes) -> tuple[int, int, int]:
+        """Append to detached sessions' replay buffers: (kept, full: not kept, gone: not detached any more)."""
+        cfg = self.node.config.drain
+        kept = full = gone = 0
+        for sid in sids:
+            added, status = await self.store.detached.append(sid, [(opcode, payload)], cfg.replay_max_messages,
+                                                             cfg.replay_max_bytes)
+            if added:
+                kept += 1
+                metrics.replay_buffered.labels("api").inc()
+            elif status == "full":
+                full += 1
+            else:
+                gone += 1
+        return kept, full, gone
+
+    async def _buffer_detached(self, index: dict, out: dict, opcode: int, payload: bytes) -> None:
+        """Add what went to detached sessions (index entries with node "") to an answer."""
+        sids = [sid for sid, node in index.items() if node == DETACHED_NODE]
+        if not sids:
+            return
+        kept, full, _ = await self._buffer(sids, opcode, payload)
+        out["delivered"] += kept
+        out["buffered"] = kept
+        if full:
+            out["buffer_full"] = full
 
     async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
         s = self.local(any_id)
@@ -283,6 +343,8 @@ class Delivery:
 
     async def record_of(self, any_id: str) -> dict | None:
         rec = await self._where(any_id)
+        if rec is None:
+            rec = await self._detached(any_id)   # drained, waiting for its resume
         if rec is not None:
             rec = {k: v for k, v in rec.items() if k not in ("v", "kind", "claims", "events")}
         return rec
@@ -290,13 +352,17 @@ class Delivery:
     async def send_to_user(self, sub: str, opcode: int, payload: bytes) -> dict:
         # This node's own indexes are authoritative for its sessions; the store
         # names the other nodes that hold one.
-        nodes = set((await self.store.subject_sessions(sub)).values())
+        index = await self.store.subject_sessions(sub)
+        nodes = set(index.values())
         nodes.discard(self.node_id)
+        nodes.discard(DETACHED_NODE)
         frame = frames.frame(opcode, payload)
         n = sum(1 for s in list(self.node.by_sub.get(sub) or ()) if s.send_raw(frame))
         answers, missing = await self._ask(nodes, {"op": "sub", "sub": sub, "opcode": opcode}, payload)
         n += sum(a.get("n", 0) for a in answers.values())
-        return self._counted(n, missing)
+        out = self._counted(n, missing)
+        await self._buffer_detached(index, out, opcode, payload)
+        return out
 
     async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
         offset = epoch = None
@@ -307,6 +373,7 @@ class Delivery:
         members = await self.store.channel_members(name)
         nodes = {m.get("node") for m in members.values()}
         nodes.discard(self.node_id)
+        nodes.discard(DETACHED_NODE)
         n = self._fan_out(name, opcode, payload, offset)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
         if not confirm:
@@ -317,6 +384,7 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
+        await self._buffer_detached({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload)
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from . import auth, frames, http1, httpbackend, reattach
+from . import auth, frames, http1, httpbackend, reattach, resume
 from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
 from .relay import Session, log as session_log
 from .routing import strip_query, upstream_target
@@ -35,7 +35,7 @@ _NOT_FORWARDED = frozenset({
 class Handshake(asyncio.Protocol):
     """The protocol of a client socket from accept to the 101."""
 
-    __slots__ = ("node", "s", "transport", "head_buf", "pending", "timer")
+    __slots__ = ("node", "s", "transport", "head_buf", "pending", "timer", "resume")
 
     def __init__(self, node):
         self.node = node
@@ -44,6 +44,7 @@ class Handshake(asyncio.Protocol):
         self.head_buf = b""
         self.pending = b""   # frames pipelined behind the request head: relayed after the 101
         self.timer = None
+        self.resume = None   # the detached record of the session this request resumes (leased)
 
     # ------------------------------------------------------------ the socket
     def connection_made(self, transport) -> None:
@@ -121,6 +122,8 @@ class Handshake(asyncio.Protocol):
             session_log.exception("handshake failed",
                                   extra={"fields": {"event": "handshake_error", "conn": self.s.id}})
             self.refuse(Refusal(500, "internal error", metric="internal_error"))
+        if self.resume is not None and self.s.state is not State.OPEN:
+            await resume.release(self.node, self.resume["session"])   # not live: the next attempt may take it
 
     # ------------------------------------------------------------ the request
     async def connect(self, head: http1.RequestHead) -> None:
@@ -129,7 +132,7 @@ class Handshake(asyncio.Protocol):
         s = self.s
         lim = node.limits
         h = head.headers
-        if node.draining:
+        if node.refusing:
             raise Refusal(503, "node draining", metric="draining", headers=(("Retry-After", "5"),))
         if node.cluster is not None and node.cluster.refuses_new():
             raise Refusal(503, "session store unavailable", metric="store_unavailable",
@@ -147,13 +150,23 @@ class Handshake(asyncio.Protocol):
         identity.check_origin(head)
         client_offer = auth.parse_subprotocols(h.get("sec-websocket-protocol"))
         token, offered = identity.token(head, client_offer)
-        route, claims = await self._pick_route(candidates, token)
+        resume_token = resume.requested(head)
+        drop_params = identity.query_params
+        if resume_token is not None:
+            route, claims, rec = await resume.claim(node, resume_token, token)
+            self.resume = rec
+            s.session_id = rec["session"]
+            drop_params += ("resume",)
+        else:
+            route, claims = await self._pick_route(candidates, token)
         s.route = route
         s.claims = claims
         if claims is not None and isinstance(claims.get("sub"), str):
             s.sub = claims["sub"]
         plan = routing.plans[route.name]
-        name = plan.pick()   # sticky for the session's life; None: routed by content (select)
+        # Sticky for the session's life (a resume keeps it); None: routed by content (select).
+        name = plan.pick() if self.resume is None else resume.backend_of(self.resume, plan, routing)
+        s.backend = name
         backend = routing.config.backends[name] if name is not None else None
         link = None   # what http backends keep per session; made lazily unless needed now
         hash_on = backend.hash_on if backend is not None and backend.type == "http" else None
@@ -161,7 +174,11 @@ class Handshake(asyncio.Protocol):
             link = httpbackend.link(s, routing.forward_claims, hash_key(hash_on, head, s, claims), plan)
         greeting = b""
         welcome = None
-        if plan.connect is not None:
+        if self.resume is not None:
+            if link is not None:
+                link.connected = True              # no second connect event; its requests say so instead
+                link.base["Gateway-Resumed"] = "1"
+        elif plan.connect is not None:
             welcome = await plan.connect.connect(s, link, client_headers(head, s, identity, token),
                                                  client_target(head, identity.query_params))
             if s.client.gone:
@@ -182,13 +199,15 @@ class Handshake(asyncio.Protocol):
             return
         pool = routing.pools[backend.name]
         forwarded, deflate_offer = upstream_headers(head, s, route.name, identity, token, claims)
+        if self.resume is not None:
+            forwarded.append(("Gateway-Resumed", "1"))
         if offered:
             forwarded.append(("Sec-WebSocket-Protocol", ", ".join(offered)))
         if deflate_offer:
             forwarded.append(("Sec-WebSocket-Extensions", deflate_offer))
 
         def target_for(ep) -> str:
-            return upstream_target(ep.path, ep.query, route, head.path, head.query_string, identity.query_params)
+            return upstream_target(ep.path, ep.query, route, head.path, head.query_string, drop_params)
 
         try:
             ep, transport, resp, leftover = await pool.dial_any(hash_key(backend.hash_on, head, s, claims),
@@ -258,7 +277,8 @@ class Handshake(asyncio.Protocol):
         response = http1.switching_protocols(accept, protocol, extensions) + greeting
         pending = self.pending
         self.pending = b""
-        self.node.open_session(s, routing.route_metrics[route.name], response, upstream, leftover, pending)
+        self.node.open_session(s, routing.route_metrics[route.name], response, upstream, leftover, pending,
+                               self.resume)
 
 
 # ------------------------------------------------------------------ helpers

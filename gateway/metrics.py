@@ -38,6 +38,15 @@ reattaches = Counter("gateway_reattaches_total", "Sessions moved to another upst
 reattach_failures = Counter("gateway_reattach_failures_total",
                            "Sessions that could not be moved to another upstream endpoint", ["trigger"])
 replayed = Counter("gateway_replayed_messages_total", "Messages replayed after resume")
+resume_refusals = Counter("gateway_resume_refusals_total", "Resumes refused, by reason", ["reason"])
+replay_buffered = Counter("gateway_replay_buffered_messages_total",
+                          "Messages written to detached sessions' replay buffers", ["source"])
+replay_overflows = Counter("gateway_replay_overflows_total",
+                           "Replay buffers that reached drain.replay_max_messages or replay_max_bytes")
+detached_expired = Counter("gateway_detached_sessions_expired_total",
+                           "Detached sessions whose resume window ended without a resume")
+drain_left = Gauge("gateway_drain_sessions_left", "Sessions this node still has to detach while it drains",
+                   **_gauge_mode)
 config_reloads = Counter("gateway_config_reloads_total", "Config reloads", ["result"])
 store_available = Gauge("gateway_store_available", "1 while the session store (Redis) answers, 0 during an outage",
                         **({"multiprocess_mode": "min"} if MULTIPROC else {}))

@@ -35,6 +35,7 @@ from .errors import (GOING_AWAY, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLAT
                      TRY_AGAIN_LATER, ProtocolViolation)
 from .frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, mask_in_place as _mask, \
     parse_header, unmask
+from .replay import Draining
 from .seam import Seam, Side, fileno
 from .session import Close, CloseEvent, Event, Link, SideState, State, advance
 
@@ -50,7 +51,7 @@ def new_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-class Session(Closing, Seam):
+class Session(Closing, Seam, Draining):
     """One client's session: identity, its two sides, and the relay between them.
 
     `id` names the client connection (Gateway-Connection-Id; the management
@@ -62,7 +63,7 @@ class Session(Closing, Seam):
         "node", "id", "session_id", "state", "transport", "ip", "started", "route", "route_metrics",
         "claims", "sub", "timer", "life_timer", "close_timer", "expiry_timer", "stall_timer", "stall_client",
         # the two sides (gateway/session.py SideState) and the upstream's socket
-        "client", "upstream", "up", "endpoint", "sink", "deflate", "c_fd", "u_fd",
+        "client", "upstream", "up", "endpoint", "backend", "sink", "deflate", "c_fd", "u_fd",
         # limits fixed when the session went live (session.LiveLimits), and the hot one
         "limits", "max_message", "bucket",
         # client -> upstream parser
@@ -85,6 +86,8 @@ class Session(Closing, Seam):
         "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u",
         # what sinks and the management API keep per session
         "channels", "sink_state",
+        # while draining: what was meant for the client, on its way to the replay buffer (replay.py)
+        "capture",
     )
 
     def __init__(self, node, transport):
@@ -102,7 +105,7 @@ class Session(Closing, Seam):
         self.client = SideState("client")
         self.upstream = SideState("upstream", Close.GONE)  # until an upstream is attached
         self.up = _NULL
-        self.endpoint = self.sink = None
+        self.endpoint = self.sink = self.backend = None
         self.deflate = False
         self.c_fd = self.u_fd = -1
         self.limits = None
@@ -131,6 +134,7 @@ class Session(Closing, Seam):
         self.flushed_c = self.flushed_u = 0
         self.channels = None
         self.sink_state = None
+        self.capture = None
 
     # ------------------------------------------------------------ going live
     def go_live(self, response: bytes, upstream) -> None:
@@ -508,7 +512,11 @@ class Session(Closing, Seam):
                     out.write(data[:pos])
                 start = pos
                 if self._at_client_boundary():
-                    return  # this upstream was let go: the rest of what it sent is not relayed
+                    # This upstream was let go, or the drain's close just went to
+                    # the client: the rest of what it sent is not relayed.
+                    if self.capture is not None:
+                        self.capture.feed(data[pos:])
+                    return
                 drop = self.client.sent
         while pos < n:
             b0 = data[pos]
@@ -584,6 +592,8 @@ class Session(Closing, Seam):
 
     def send_raw(self, frame_bytes: bytes) -> bool:
         """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
+        if self.capture is not None:
+            return self.capture.add_frame(frame_bytes)   # draining: it goes to the replay buffer
         if self.client.sent or self.state is not State.OPEN:
             return False
         self.u_msgs += 1
@@ -631,6 +641,8 @@ class Session(Closing, Seam):
             code, reason = self.pending_close
             self.pending_close = None
             self.gateway_close(code, reason)
+            if self.capture is not None and self.client.sent:
+                return True   # drained: the upstream's frames go to the capture from here
         if self.u_stop:
             self._stop_upstream_stream()
             return True

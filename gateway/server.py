@@ -13,15 +13,15 @@ import logging
 import os
 import time
 
-from . import auth, builtin, http1, httpbackend, metrics, reattach
+from . import auth, builtin, http1, httpbackend, metrics, reattach, resume
 from .channels import Channels, RecentlyClosed
 from .dispatch import RoutePlan
 from .config import Config
-from .errors import GOING_AWAY, ConfigError, Refusal
+from .errors import ChannelError, ConfigError, Refusal
 from .logs import event
 from .relay import Session
 from .routing import Router
-from .session import LiveLimits
+from .session import LiveLimits, State
 from .upstream import BackendPool
 
 log = logging.getLogger("gateway.node")
@@ -129,7 +129,9 @@ class Node:
         self.by_sub: dict[str, set[Session]] = {}
         self.sockets = 0
         self.per_ip: dict[str, int] = {}
-        self.draining = False
+        self.draining = False   # readiness is 503 (the node drains)
+        self.refusing = False   # new upgrades get 503 (after drain.announce_s)
+        self.drainer = None     # set by app: drain.Drainer
         # Hooks for what else follows sessions (the cluster's session store):
         # after a session went live and is registered; after it ended and left.
         self.cluster = None   # set by app: the node's records in the store (cluster.Cluster)
@@ -145,11 +147,12 @@ class Node:
         for pool in self.routing.pools.values():
             pool.start_health()
 
-    def reload(self, config: Config) -> int:
+    def reload(self, config: Config) -> tuple[int, int]:
         """Apply a valid config: new sessions use it at once; open ones keep their
-        route and limits. A session whose endpoint is gone moves to another
-        (reattach backends; on the others it keeps its upstream). Returns how
-        many sessions are moving."""
+        route and limits. A session whose route (or websocket backend) is gone is
+        drained (1012 and a resume token); one whose endpoint is gone moves to
+        another (reattach backends; on the others it keeps its upstream).
+        Returns (sessions drained, sessions moving)."""
         old = self.routing
         identity = Identity(config)  # raises ConfigError before anything changes
         self.routing = Routing(config, old, node=self)
@@ -172,23 +175,21 @@ class Node:
                 removed = set(prior.spec.endpoints) - set(pool.spec.endpoints)
                 moving += reattach.move_off(self, name, removed, "removed") if removed else 0
         reattach.watch_health(self)
-        return moving
+        routes = {r.name for r in config.routes}
+        gone = [s for s in self.sessions.values() if s.state is State.OPEN and (
+            s.route.name not in routes or s.redial is not None and s.redial.backend not in config.backends)]
+        if gone:
+            asyncio.ensure_future(self.drain_sessions(gone))
+        return len(gone), moving
 
-    async def shutdown(self, timeout: float, rate_per_s: float, code: int = GOING_AWAY) -> None:
-        """Stop taking sessions, close the open ones in paced batches, wait."""
-        self.draining = True
-        metrics.draining.set(1)
-        deadline = self.loop.time() + timeout
-        batch = max(1, int(rate_per_s / 10))
-        sessions = list(self.sessions.values())
-        event(log, "shutdown", sessions=len(sessions), timeout_s=timeout)
-        for i in range(0, len(sessions), batch):
-            for s in sessions[i:i + batch]:
-                s.gateway_close(code, "going away")
-            if i + batch < len(sessions):
-                await asyncio.sleep(0.1)
-        while self.sockets and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+    async def drain_sessions(self, sessions) -> int:
+        """Detach these sessions (their route was removed, say): records first,
+        then 1012 with a resume token. Returns how many were detached."""
+        return await self.drainer.detach(list(sessions))
+
+    async def shutdown(self, deadline: float) -> None:
+        """After the drain (drain.py): cut what is left, stop the pools and clients."""
+        self.draining = self.refusing = True
         for s in list(self.sessions.values()):
             s.abort()
         for pool in self.routing.pools.values():
@@ -209,15 +210,24 @@ class Node:
         event(log, "refused", conn=s.id, ip=s.ip, reason=reason, status=status)
 
     def open_session(self, s: Session, rm: metrics.RouteMetrics, response: bytes, upstream, leftover: bytes,
-                     pending: bytes) -> None:
+                     pending: bytes, resumed: dict | None = None) -> None:
         """The handshake succeeded: register the session, send the 101, start relaying.
 
         `upstream` is the dialled transport (None for a backend inside the
         gateway); `leftover` what it sent past its 101, `pending` what the
-        client sent past its request head.
+        client sent past its request head. `resumed`: the detached record of
+        the session this resumes; the replay comes first (resume.complete),
+        and the session is registered for pushes and channels after it.
         """
         s.route_metrics = rm
         self.sessions[s.id] = s
+        if resumed is not None:
+            rm.open.inc()
+            event(log, "connect", conn=s.id, session=s.session_id, route=rm.route, ip=s.ip, resumed=True,
+                  endpoint=s.endpoint.url if s.endpoint is not None else None)
+            s.go_live(response, upstream)
+            asyncio.ensure_future(resume.complete(self, s, resumed, pending, leftover))
+            return
         rm.total.inc()
         rm.open.inc()
         event(log, "connect", conn=s.id, session=s.session_id, route=rm.route, ip=s.ip,
@@ -228,6 +238,17 @@ class Node:
         self.on_open(s)
         s.start(pending, leftover)
 
+    def resumed(self, s: Session, channels) -> None:
+        """A resumed session's replay is out: it takes pushes, channels and presence again."""
+        if s.sub is not None:
+            self.by_sub.setdefault(s.sub, set()).add(s)
+        for name in channels:
+            try:
+                self.channels.subscribe(s, name)
+            except ChannelError as exc:   # a limit lowered by a reload since: said, not fatal
+                event(log, "resume_channel_refused", logging.WARNING, conn=s.id, channel=name, why=str(exc))
+        self.on_open(s)
+
     def session_closed(self, s: Session, was_open: bool) -> None:
         self.sockets -= 1
         left = self.per_ip.get(s.ip, 1) - 1
@@ -236,14 +257,18 @@ class Node:
         else:
             self.per_ip.pop(s.ip, None)
         link = s.sink_state
-        if link is not None and link.connected and link.events is not None and link.events.disconnect is not None:
+        drained = s.capture is not None
+        if drained:
+            s.capture.end()   # the session lives on, detached: its buffer is sealed once written
+        elif link is not None and link.connected and link.events is not None and link.events.disconnect is not None:
             # Once for every session that opened (or whose connect event was
             # accepted), whatever ended it.
             link.events.disconnect.disconnect(s)
         if not was_open:
             return
         self.sessions.pop(s.id, None)
-        self.closed.add(s.id, s.close_code, s.close_reason)
+        if not drained:
+            self.closed.add(s.id, s.close_code, s.close_reason)
         self.channels.drop(s)
         if s.sub is not None:
             peers = self.by_sub.get(s.sub)

@@ -104,6 +104,11 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     @property
+    def outlives_process(self) -> bool:
+        """True when what is written survives this process (Redis), so a drained
+        session can be resumed on another node."""
+
+    @property
     def available(self) -> bool:
         """False while the store is known to be unreachable (Redis down)."""
 

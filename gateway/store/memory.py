@@ -127,6 +127,11 @@ class MemoryStore:
                 await self.unlisten(node_id)
 
     @property
+    def outlives_process(self) -> bool:
+        """Its data ends with the process: a node drain offers no resume."""
+        return False
+
+    @property
     def available(self) -> bool:
         return True
 

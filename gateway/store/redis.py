@@ -167,6 +167,11 @@ class RedisStore:
             await self._sentinel.aclose()
 
     @property
+    def outlives_process(self) -> bool:
+        """Detached sessions outlive the node that drained them."""
+        return True
+
+    @property
     def available(self) -> bool:
         return self._available
 
