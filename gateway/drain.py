@@ -35,12 +35,19 @@ from . import metrics, tokens
 from .errors import StoreUnavailable
 from .logs import event
 from .replay import Capture
-from .session import State
+from .session import Link, State
 from .store.detached import Parked
 
 log = logging.getLogger("gateway.drain")
 
 BATCHES_PER_S = 10
+
+
+def detachable(s) -> bool:
+    """Open, not closing, not already draining, and not in the middle of a move to
+    another upstream (reattach): that one is taken on the next pass."""
+    return (s.state is State.OPEN and not s.client.sent and s.capture is None and s.move is None
+            and s.upstream.link is Link.ATTACHED and not (s.redial is not None and s.redial.busy()))
 
 
 class Drainer:
@@ -58,7 +65,7 @@ class Drainer:
         node, cluster = self.node, self.cluster
         cfg = node.config.drain
         loop = node.loop
-        live = [s for s in sessions if s.state is State.OPEN and not s.client.sent and s.capture is None]
+        live = [s for s in sessions if detachable(s)]
         if not live:
             return 0
         if deadline is None:
@@ -129,9 +136,13 @@ class Drainer:
         detached = 0
         while loop.time() < deadline:
             # Again until none is left: a handshake under way when refusing began goes live later.
-            todo = [s for s in list(node.sessions.values()) if s.state is State.OPEN and s.capture is None]
-            if not todo:
+            open_ = [s for s in list(node.sessions.values()) if s.state is State.OPEN and s.capture is None]
+            if not open_:
                 break
+            todo = [s for s in open_ if detachable(s)]
+            if not todo:
+                await asyncio.sleep(0.02)   # only sessions mid-move: they are taken once it is done
+                continue
             self.left = len(todo)
             metrics.drain_left.set(self.left)
             for i in range(0, len(todo), batch):
