@@ -1,7 +1,8 @@
 """Hot reload: SIGHUP, POST /v1/reload and `watch: true` (a ConfigMap update).
 A broken file changes nothing and is answered with its file:line:col; a good
 one applies to new sessions at once, moves the sessions whose endpoint it
-removed (reattach), and never drops a connection. Numbered messages both ways under traffic."""
+removed (reattach), drains those whose route it removed (1012 + resume), and
+never drops a connection. Numbered messages both ways under traffic."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import signal
 
 import pytest
 import yaml
+from aiohttp import WSMsgType
 
 from gateway import metrics
 
+from ..conftest import proxy_config
 from .fleet import (BOUND_S, Fleet, api, clients, close, holds, numbered_client, on, reattach_config, settle,
                     stop_sending, traffic)
 from .test_lifecycle import Proc
@@ -88,6 +91,24 @@ async def test_ten_reloads_good_and_broken_under_traffic_drop_nothing(from_file,
             await close(c)
         for e in eps:
             await e.stop()
+
+
+async def test_a_removed_route_drains_its_sessions_with_1012_and_a_resume_token(from_file, backend, http):
+    b = await backend()
+    cfg = proxy_config(b.url)
+    cfg["routes"].append({"name": "old", "match": {"path": "/old"}, "auth": "none", "backend": "b"})
+    gw = await from_file(cfg)
+    async with http.ws_connect(gw.url + "/ws") as kept, http.ws_connect(gw.url + "/old") as gone:
+        for ws in (kept, gone):
+            await ws.send_str("hi")
+            assert (await ws.receive(timeout=BOUND_S)).data == "hi"
+        cfg["routes"].pop()
+        FILE.write_text(yaml.safe_dump(full(cfg)))
+        assert gw.reload() == []
+        msg = await gone.receive(timeout=BOUND_S)
+        assert msg.type is WSMsgType.CLOSE and msg.data == 1012 and msg.extra.startswith("resume="), msg
+        await kept.send_str("still here")
+        assert (await kept.receive(timeout=BOUND_S)).data == "still here"
 
 
 def configmap(root, cfg: dict, version: int):
