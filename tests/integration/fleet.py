@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import WSMsgType
 
 from gateway import frames
-from gateway.frames import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from gateway.frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT
 
 from ..conftest import proxy_config
 from ..helpers import until
@@ -75,6 +75,7 @@ class FleetEndpoint:
         self.sessions = 0
         self.closes: list[int] = []    # close codes it received
         self.healthy = True            # what GET /healthz answers (200 or 503)
+        self.answers = True            # False: a close from the gateway is never answered
         self.upgrades: asyncio.Event | None = None   # set: upgrades are answered only once it is set
 
     @property
@@ -148,6 +149,7 @@ class FleetEndpoint:
     async def _read(self, c: _Conn) -> None:
         buf = b""
         got = self.fleet.got[c.sid]
+        parts = None   # a fragmented text message being received
         while True:
             data = await c.reader.read(65536)
             if not data:
@@ -162,8 +164,11 @@ class FleetEndpoint:
                 payload = frames.unmask(buf[pos + hlen:end], mask) if mask else buf[pos + hlen:end]
                 pos = end
                 op = b0 & 0x0F
-                if op == OP_TEXT:
-                    got.append(payload.decode())
+                if op == OP_TEXT or op == OP_CONT:
+                    parts = (parts or b"") + payload
+                    if b0 & 0x80:
+                        got.append(parts.decode())
+                        parts = None
                 elif op == OP_PING and not c.closing:
                     c.writer.write(frames.frame(OP_PONG, payload))
                 elif op == OP_CLOSE:
@@ -171,6 +176,8 @@ class FleetEndpoint:
                     self.closes.append(parsed[0] if parsed else 1005)
                     if not c.closing:   # theirs first: answer, echoing the code
                         c.closing = True
+                        if not self.answers:
+                            continue        # ... or not: read on until the gateway gives up
                         c.writer.write(frames.frame(OP_CLOSE, payload[:2]))
                     return
             buf = buf[pos:]

@@ -109,6 +109,28 @@ async def test_rolling_replacement_of_every_endpoint_loses_nothing(gateway, http
             await e.stop()
 
 
+async def test_an_old_upstream_that_never_answers_is_let_go_after_close_timeout(gateway, http):
+    fleet = Fleet()
+    a, b = await fleet.endpoint(), await fleet.endpoint()
+    a.answers = False
+    gw = await gateway(reattach_config(a.url, b.url, limits={"close_timeout_s": 0.5}))
+    cs, sids = await clients(http, gw, 1)
+    try:
+        assert on(gw, a.url) == 1
+        await traffic(cs)
+        status, _ = await api(http, gw, "POST", "/v1/backends/b/endpoints/drain", {"endpoint": a.url})
+        assert status == 202
+        await holds(lambda: on(gw, b.url) == 1, BOUND_S, "the session moved once the old upstream was cut")
+        await traffic(cs)
+        await settle(cs, fleet, sids)
+        assert a.closes == [1001] and not a.conns
+    finally:
+        for c in cs:
+            await close(c)
+        await a.stop()
+        await b.stop()
+
+
 # ------------------------------------------------------------ the other triggers
 async def test_failing_health_checks_move_the_session(gateway, http):
     fleet = Fleet()
@@ -202,6 +224,31 @@ async def test_a_fragmented_client_message_is_not_split_across_upstreams(gateway
         assert other.received == [(WSMsgType.TEXT, "next")]
     finally:
         c.close()
+
+
+async def test_an_upstream_closing_in_the_middle_of_a_client_message_gets_all_of_it(gateway):
+    fleet = Fleet()
+    a, b = await fleet.endpoint(), await fleet.endpoint()
+    gw = await gateway(reattach_config(a.url, b.url))
+    c = await RawClient.connect(gw.url + "/ws")
+    try:
+        await holds(lambda: on(gw, a.url) == 1, BOUND_S, "the session is on the first endpoint")
+        s = next(iter(gw.node.sessions.values()))
+        c.send_frame(frames.OP_TEXT, b"hel", fin=False)
+        await holds(lambda: s.c_msg, BOUND_S, "the first fragment reached the gateway")
+        restart = asyncio.ensure_future(a.restart(1012))
+        await holds(lambda: s.move is not None, BOUND_S, "the upstream's close reached the gateway")
+        assert s.held is None and not restart.done()   # the rest of the message still goes to it
+        c.send_frame(frames.OP_CONT, b"lo", fin=True)
+        await asyncio.wait_for(restart, BOUND_S)      # answered at the message's end
+        await holds(lambda: on(gw, b.url) == 1, BOUND_S, "the session moved")
+        c.send_frame(frames.OP_TEXT, b"next")
+        await holds(lambda: fleet.got[s.session_id] == ["hello", "next"], BOUND_S, "both messages arrived")
+        assert a.closes == [1012]
+    finally:
+        c.close()
+        await a.stop()
+        await b.stop()
 
 
 async def test_a_close_backend_keeps_todays_behaviour(gateway, http):
