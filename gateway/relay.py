@@ -35,6 +35,7 @@ from .errors import (GOING_AWAY, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLAT
                      TRY_AGAIN_LATER, ProtocolViolation)
 from .frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, mask_in_place as _mask, \
     parse_header, unmask
+from .moving import Moving
 from .replay import Draining
 from .seam import Seam, Side, fileno
 from .session import Close, CloseEvent, Event, Link, SideState, State, advance
@@ -51,7 +52,7 @@ def new_id() -> str:
     return secrets.token_urlsafe(12)
 
 
-class Session(Closing, Seam, Draining):
+class Session(Closing, Seam, Moving, Draining):
     """One client's session: identity, its two sides, and the relay between them.
 
     `id` names the client connection (Gateway-Connection-Id; the management
