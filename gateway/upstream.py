@@ -211,12 +211,15 @@ def client_tls() -> ssl.SSLContext:
 class Dialer(asyncio.Protocol):
     """Reads the upstream's answer to our upgrade request, then hands over."""
 
-    def __init__(self, request: bytes, key: str):
+    __slots__ = ("request", "expect_accept", "buf", "transport", "done", "expired")
+
+    def __init__(self, request: bytes, key: str, loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
         self.expect_accept = frames.accept_key(key)
         self.buf = b""
         self.transport: asyncio.Transport | None = None
-        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future = (loop or asyncio.get_running_loop()).create_future()
+        self.expired = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -252,21 +255,46 @@ class Dialer(asyncio.Protocol):
         if not self.done.done():
             self.done.set_exception(ConnectionError("upstream closed during handshake"))
 
+    def expire(self, task: asyncio.Task) -> None:
+        """The dial's timeout: while connecting, cancel the connect (dial turns
+        that into TimeoutError); once connected, fail the wait for the answer."""
+        self.expired = True
+        if self.transport is None:
+            task.cancel()
+        elif not self.done.done():
+            self.done.set_exception(TimeoutError())
+
 
 async def dial(ep: Endpoint, target: str, headers: list[tuple[str, str]], timeout: float):
-    """Open a WebSocket to `ep`. Returns (transport, response head, leftover bytes)."""
+    """Open a WebSocket to `ep`. Returns (transport, response head, leftover bytes).
+
+    `timeout` bounds the connect and the upgrade together (TimeoutError). One
+    timer, not an asyncio.timeout() block: that costs twice as much, and this
+    runs for every new session (BENCHMARKS.md, "CPU per new session").
+    """
     loop = asyncio.get_running_loop()
     key = frames.new_key()
-    request = http1.upgrade_request(target, ep.host_header, key, headers)
+    dialer = Dialer(http1.upgrade_request(target, ep.host_header, key, headers), key, loop)
+    task = asyncio.current_task(loop)
+    cancelling = task.cancelling()
+    timer = loop.call_later(timeout, dialer.expire, task)
     transport = None
     try:
-        async with asyncio.timeout(timeout):
-            transport, proto = await loop.create_connection(
-                lambda: Dialer(request, key), ep.host, ep.port,
-                ssl=client_tls() if ep.tls else None, server_hostname=ep.host if ep.tls else None)
-            head = await proto.done
+        transport, _ = await loop.create_connection(
+            lambda: dialer, ep.host, ep.port,
+            ssl=client_tls() if ep.tls else None, server_hostname=ep.host if ep.tls else None)
+        head = await dialer.done
+    except asyncio.CancelledError:
+        if transport is not None:
+            transport.abort()
+        # Our own cancellation (the timer's), and nobody else's: a timeout.
+        if dialer.expired and task.uncancel() <= cancelling:
+            raise TimeoutError() from None
+        raise
     except BaseException:
         if transport is not None:
             transport.abort()
         raise
-    return transport, head, proto.buf
+    finally:
+        timer.cancel()
+    return transport, head, dialer.buf
