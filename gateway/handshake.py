@@ -89,7 +89,7 @@ class Handshake(asyncio.Protocol):
         except Refusal as r:
             self.refuse(r)
             return
-        asyncio.ensure_future(self._connect(head))
+        self.node.loop.create_task(self._connect(head))
 
     def eof_received(self):
         return False
@@ -285,8 +285,11 @@ class Handshake(asyncio.Protocol):
 def check_upgrade(head: http1.RequestHead) -> str:
     """The request is a WebSocket upgrade we speak; returns its Sec-WebSocket-Key."""
     h = head.headers
-    if "websocket" not in http1.header_tokens(h.get("upgrade")) or \
-            "upgrade" not in http1.header_tokens(h.get("connection")):
+    upgrade = h.get("upgrade", "")
+    connection = h.get("connection", "")
+    # The usual one-token values first; header_tokens for lists ("keep-alive, Upgrade").
+    if (upgrade.lower() != "websocket" and "websocket" not in http1.header_tokens(upgrade)) or \
+            (connection.lower() != "upgrade" and "upgrade" not in http1.header_tokens(connection)):
         raise Refusal(426, "websocket upgrade required", metric="not_websocket",
                       headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
     if head.method != "GET":

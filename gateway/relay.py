@@ -93,8 +93,10 @@ class Session(Closing, Seam, Moving, Draining):
 
     def __init__(self, node, transport):
         self.node = node
-        self.id = new_id()
-        self.session_id = new_id()
+        # Both ids from one read of the CSPRNG: 16 characters each, as new_id() makes.
+        ids = secrets.token_urlsafe(24)
+        self.id = ids[:16]
+        self.session_id = ids[16:]
         self.state = State.HANDSHAKE
         self.transport = transport
         peer = transport.get_extra_info("peername")
