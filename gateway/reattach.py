@@ -136,7 +136,13 @@ async def _move(s, why: str, leaving: str | None) -> None:
     try:
         ep, transport, leftover = await _dial(s, leaving)
     except (NoBackendAvailable, UpstreamRefused) as exc:
-        return _failed(s, why, leaving, f"no endpoint took it ({exc})")
+        # Make before break with endpoints that would take it but did not answer now
+        # (overload, a dial timeout): the old upstream still works, so the session
+        # stays on it and a later trigger tries again. With no endpoint left: 1011.
+        old_works = s.held is None and s.move is None
+        pool = s.node.routing.pools.get(r.backend)
+        others = bool(pool is not None and pool.order(r.hash_key, leaving))
+        return _failed(s, why, leaving, f"no endpoint took it ({exc})", close=not (old_works and others))
     if not _open(s):
         transport.abort()   # it ended while the next upstream was dialled
         return

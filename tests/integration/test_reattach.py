@@ -175,6 +175,31 @@ async def test_no_endpoint_left_closes_the_client_with_1011(gateway, http, how):
         await a.stop()
 
 
+async def test_a_drain_whose_other_endpoints_do_not_answer_keeps_the_session_where_it_is(gateway, http):
+    """Make before break: the old upstream still works, so a move that finds no
+    endpoint answering (down, overloaded) leaves the session there, open, not 1011."""
+    fleet = Fleet()
+    a, b = await fleet.endpoint(), await fleet.endpoint()
+    gw = await gateway(reattach_config(a.url, b.url))
+    cs, _ = await clients(http, gw, 1)
+    try:
+        first, other = (a, b) if on(gw, a.url) else (b, a)
+        await other.stop()                       # dials to it are refused
+        await traffic(cs)
+        status, _ = await api(http, gw, "POST", "/v1/backends/b/endpoints/drain", {"endpoint": first.url})
+        assert status == 202
+        s = next(iter(gw.node.sessions.values()))
+        await holds(lambda: s.redial.task is not None and s.redial.task.done(), BOUND_S, "the move gave up")
+        marks = len(cs[0].got)
+        await holds(lambda: len(cs[0].got) > marks + 10, BOUND_S, "traffic goes on through the old endpoint")
+        assert not cs[0].closes and on(gw, first.url) == 1
+    finally:
+        for c in cs:
+            await close(c)
+        await a.stop()
+        await b.stop()
+
+
 async def test_client_frames_over_the_hold_close_the_session_with_1013(gateway, http):
     fleet = Fleet()
     a, slow = await fleet.endpoint(), await fleet.endpoint()
