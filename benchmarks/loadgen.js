@@ -9,6 +9,10 @@
 //   -> {"event":"result", ...counts, hist}          measured phase finished
 //   <- "close"                                      close everything and exit
 //   -> {"event":"closed"}
+// mode "resume": after "run" (answered with {"event":"armed"}), every connection
+// closed with 1012 and reason `resume=<token>` reconnects at once to `resumeUrl`
+// with ?resume=<token> and does one echo there; the result has, per connection,
+// when its close came and when its resumed echo did (ms since "armed").
 // Every loop is bounded by a count and by time; `hardLimit` seconds after start
 // the process exits on its own whatever the harness does.
 const WebSocket = require('ws');
@@ -16,7 +20,7 @@ const readline = require('readline');
 const { performance } = require('perf_hooks');
 
 const cfg = Object.assign({
-  mode: 'echo',            // echo | idle | connrate
+  mode: 'echo',            // echo | idle | connrate | resume
   url: 'ws://127.0.0.1:18001/',
   conns: 1,                // connections held (echo, idle)
   depth: 1,                // closed loop: messages in flight per connection
@@ -28,6 +32,8 @@ const cfg = Object.assign({
   timeout: 10,             // seconds: handshake + first echo, and drain
   localAddress: undefined, // source address (127.x.y.z) to spread the ephemeral ports
   hardLimit: 300,          // seconds: absolute lifetime of this process
+  resumeUrl: undefined,    // resume: where drained connections come back (another node)
+  retries: 5,              // resume: attempts per session when the answer is 503 (Retry-After)
 }, JSON.parse(process.argv[2] || '{}'));
 
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
@@ -137,6 +143,67 @@ async function runConnrate() {
   return { opened, failed, errors, seconds: (performance.now() - t0) / 1000 };
 }
 
+// Open a connection to `url` and wait for one echo (the resumed session is relaying).
+function resumeOne(url) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, { perMessageDeflate: false, localAddress: cfg.localAddress,
+      handshakeTimeout: cfg.timeout * 1000, maxPayload: 64 * 1024 * 1024 });
+    ws.q = [];
+    const timer = setTimeout(() => { ws.terminate(); reject(new Error('timeout')); }, cfg.timeout * 1000);
+    ws.on('unexpected-response', (req, res) => {
+      clearTimeout(timer); ws.terminate();
+      const err = new Error(`HTTP ${res.statusCode}`); err.status = res.statusCode; reject(err);
+    });
+    ws.on('error', (e) => { clearTimeout(timer); reject(e); });
+    // Closed after the 101 but before the echo: the resume failed half-way (1013: retry).
+    ws.on('close', (code) => {
+      clearTimeout(timer); const err = new Error(`closed ${code} before the echo`); err.code = code; reject(err);
+    });
+    ws.on('message', onMessage);
+    ws.on('open', () => {
+      ws.waiter = () => { clearTimeout(timer); ws.removeAllListeners('close'); resolve(ws); };
+      send(ws);
+    });
+  });
+}
+
+async function runResume(conns) {
+  const t0 = performance.now();
+  const closeAt = []; const resumedAt = []; const codes = {}; const errors = {};
+  const resumed = []; let failed = 0; let retried = 0; const retries = {}; let pending = conns.length;
+  let finish; const done = new Promise((r) => { finish = r; });
+  const settle = () => { if (--pending === 0) finish(); };
+  for (const ws of conns) {
+    ws.removeAllListeners('close');
+    ws.on('close', async (code, reasonBuf) => {
+      const t = performance.now() - t0; closeAt.push(t);
+      codes[code] = (codes[code] || 0) + 1;
+      const reason = reasonBuf.toString();
+      if (code !== 1012 || !reason.startsWith('resume=')) {
+        failed++; const k = `close ${code} ${reason.slice(0, 40)}`; errors[k] = (errors[k] || 0) + 1; settle(); return;
+      }
+      const url = cfg.resumeUrl + (cfg.resumeUrl.includes('?') ? '&' : '?') + 'resume=' + encodeURIComponent(reason.slice(7));
+      for (let attempt = 0; ; attempt++) {
+        try {
+          const w = await resumeOne(url); resumed.push(w); resumedAt.push(performance.now() - t0); break;
+        } catch (e) {
+          // What a client is told to retry: 503 (+ Retry-After) before the 101, 1013 after it.
+          if ((e.status === 503 || e.code === 1013) && attempt < cfg.retries) {
+            retried++; const k = e.status ? 'retry after 503' : 'retry after 1013'; retries[k] = (retries[k] || 0) + 1;
+            await sleep(200 * (attempt + 1)); continue;
+          }
+          failed++; errors[e.message] = (errors[e.message] || 0) + 1; break;
+        }
+      }
+      settle();
+    });
+  }
+  emit({ event: 'armed' });
+  await Promise.race([done, sleep(cfg.duration * 1000)]);
+  return { resumed: resumed.length, failed, retried, retries, lost: pending, codes, errors, closeAt, resumedAt,
+    seconds: (performance.now() - t0) / 1000, conns: resumed };
+}
+
 async function closeAll(conns) {
   closing = true;
   await Promise.all(conns.map((ws) => new Promise((r) => {
@@ -155,6 +222,15 @@ async function main() {
   const { conns, failed, errors } = cfg.mode === 'connrate' ? { conns: [], failed: 0, errors: {} } : await openAll(cfg.conns);
   emit({ event: 'ready', opened: conns.length, failed, errors });
   if ((await next()) === 'run') {
+    if (cfg.mode === 'resume') {
+      const res = await runResume(conns);
+      const held = res.conns; delete res.conns;
+      emit({ event: 'result', ...res });
+      await next();
+      await closeAll(held);
+      emit({ event: 'closed' });
+      process.exit(0);
+    }
     const res = cfg.mode === 'echo' ? await runEcho(conns)
       : cfg.mode === 'connrate' ? await runConnrate() : { held: conns.filter((w) => w.readyState === WebSocket.OPEN).length, closedEarly: stats.closedEarly };
     emit({ event: 'result', ...res });

@@ -30,9 +30,10 @@ from .targets import (HERE, TARGET_NAMES, TICKS, EchoBackend, Target, cpu_second
 
 GEN_CORE, PROXY_CORE = "0", "1"
 SCENARIOS = ["idle", "connrate", "throughput", "rate"]
+# Not in the default list: two gateway nodes on a Redis of their own (benchmarks/resume.py).
+CLUSTER_SCENARIOS = {"drain": "drain 5,000 sessions off one node and resume them on another"}
 PLACEHOLDERS = {
     "fanout": "fan-out of one channel message to 10,000 subscribers",
-    "drain": "drain/resume of 5,000 sessions",
 }
 FULL = {
     "throughput": {"conns": 100, "depths": [1, 10], "sizes": [64, 4096], "duration": 5.0},
@@ -328,27 +329,40 @@ async def main_async(args) -> dict:
         sizes["rate"]["rate"] = args.rate
     if args.idle_conns:
         sizes["idle"]["conns"] = args.idle_conns
+    if args.conn_count:
+        sizes["connrate"]["count"] = args.conn_count
     if args.duration:
         sizes["throughput"]["duration"] = sizes["rate"]["duration"] = args.duration
     names = args.scenarios.split(",")
     for name in names:
         if name in PLACEHOLDERS:
             log(f"scenario '{name}' ({PLACEHOLDERS[name]}): not implemented yet")
-        elif name not in SCENARIOS:
-            raise SystemExit(f"unknown scenario {name!r}; choose from {SCENARIOS + list(PLACEHOLDERS)}")
+        elif name not in SCENARIOS and name not in CLUSTER_SCENARIOS:
+            raise SystemExit(f"unknown scenario {name!r}; choose from "
+                             f"{SCENARIOS + list(CLUSTER_SCENARIOS) + list(PLACEHOLDERS)}")
     ensure_node_modules()
     background = await background_load(args.wait_quiet)
     if background >= 15:
         log(f"WARNING: other processes use {background} % of a core; figures will be disturbed")
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     results: dict = {}
+    drain = None
     try:
+        if "drain" in names:
+            from . import resume
+            drain = await resume.main_async(resume.parse_args([
+                "--sessions", "40" if args.quick else "5000", "--reps", str(args.reps),
+                "--port-base", str(args.port_base + 200)] + (["--tree", str(args.gateway_tree)]
+                                                             if args.gateway_tree else [])))
+            resume.write(drain, args.out)
+        if not any(n in SCENARIOS for n in names):
+            names = []
         backend_port = args.port_base + 1
         backend = EchoBackend([backend_port], core=GEN_CORE)
         await backend.start(tmp / "backend")
         try:
             targets = make_targets(args.targets.split(","), [backend_port], PROXY_CORE, base=args.port_base,
-                                   tree=args.gateway_tree)
+                                   tree=args.gateway_tree) if names else []
             await run_targets(targets, backend, scenario_plan(sizes, names), args.reps, tmp, results,
                               args.wait_quiet)
         finally:
@@ -367,6 +381,7 @@ async def main_async(args) -> dict:
         "targets": {k: {"available": v["available"], "reason": v["reason"]} for k, v in results.items()},
         "summary": summarize(results),
         "runs": {k: v["runs"] for k, v in results.items()},
+        **({"drain": {"summary": drain["summary"], "file": "resume.json"}} if drain else {}),
     }
 
 
@@ -392,10 +407,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke sizes, 1 repetition (for tests)")
     p.add_argument("--targets", default=",".join(TARGET_NAMES), help=f"comma list of {TARGET_NAMES}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma list of {SCENARIOS}; placeholders {list(PLACEHOLDERS)} are not implemented yet")
+                   help=f"comma list of {SCENARIOS} (the default) and {list(CLUSTER_SCENARIOS)} (two nodes and "
+                        f"Redis: benchmarks/resume.py); placeholders {list(PLACEHOLDERS)} are not implemented yet")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     p.add_argument("--rate", type=float, help="offered rate for the 'rate' scenario (msg/s sent by clients)")
     p.add_argument("--idle-conns", type=int, help="idle sessions for the 'idle' scenario")
+    p.add_argument("--conn-count", type=int, help="connections the 'connrate' scenario opens (default 3,000)")
     p.add_argument("--duration", type=float, help="seconds per throughput/rate measurement")
     p.add_argument("--stretch", action="store_true", help="also hold 50,000 idle sessions (multi-worker)")
     p.add_argument("--port-base", type=int, default=18000,
