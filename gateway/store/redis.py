@@ -33,9 +33,9 @@ import time
 
 import orjson
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from ..errors import HistoryEpochChanged, HistoryTrimmed, RecordVersionError, StoreUnavailable
@@ -79,6 +79,14 @@ for i = 1, #ids, 2 do
 end
 return out
 """
+
+
+POOL_SIZE = 100   # Redis connections per node (per worker) for commands; the bus has its own
+
+
+class _SentinelBlockingPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The Sentinel pool (it asks the sentinels for the master), waiting for a free
+    connection instead of raising when all are in use."""
 
 
 def _ms(seconds: float) -> int:
@@ -155,9 +163,16 @@ class RedisStore:
                 "retry": Retry(NoBackoff(), 0), "protocol": 2}
 
     def _client(self) -> Redis:
+        # A blocking pool: past POOL_SIZE connections in use a call waits (up to
+        # timeout_s) for one to come free. The default pool raises at once, which
+        # turned a burst (a drain of thousands of sessions, a resume storm) into
+        # "store unavailable" although Redis was fine.
         if self._sentinel is not None:
-            return self._sentinel.master_for(self.sentinel[0])
-        return Redis.from_url(self.url, **self._client_kwargs())
+            return self._sentinel.master_for(self.sentinel[0], connection_pool_class=_SentinelBlockingPool,
+                                             max_connections=POOL_SIZE, timeout=self.timeout_s)
+        pool = BlockingConnectionPool.from_url(self.url, max_connections=POOL_SIZE, timeout=self.timeout_s,
+                                               **self._client_kwargs())
+        return Redis.from_pool(pool)
 
     async def close(self) -> None:
         await self._stop_bus()

@@ -581,3 +581,15 @@ async def test_memory_close_is_counted_across_sharing_nodes():
     assert await store.publish("na", b"x") == 1
     await store.close()
     assert await store.publish("na", b"y") == 0
+
+
+async def test_a_burst_past_the_pool_size_waits_for_connections_instead_of_failing(redis_cluster):
+    """A drain of thousands of sessions, or a resume storm, makes more calls at once
+    than the pool has connections: they wait their turn; Redis is not 'unavailable'."""
+    from gateway.store.redis import POOL_SIZE
+
+    store = await redis_cluster.node(timeout_s=2)
+    results = await asyncio.gather(*(store.get_session(f"s{i}") for i in range(3 * POOL_SIZE)),
+                                   return_exceptions=True)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert store.available
