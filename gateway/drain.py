@@ -78,7 +78,7 @@ class Drainer:
             rec["state"] = "detached"
             rec["backend"] = s.backend
             issued.append((s, token, th))
-            items.append(Parked(rec, th, cfg.resume_window_s))
+            items.append(Parked(rec, th, cfg.resume_window_s, check_subject=s.route.wants_token))
         # Ops queued for these sessions land first, so none overwrites its detached record.
         await cluster.flush_now()
         try:

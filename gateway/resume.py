@@ -3,8 +3,9 @@
 The client connects again with `?resume=<token>` (or a `Gateway-Resume`
 header) and the same credentials. In order:
 
-1. The token is checked against the detached record and the session taken
-   with a lease (store.detached.take): forged, unknown or another subject is
+1. The credentials are verified (if any), then the token is checked against
+   the detached record and the session taken with a lease, in one step
+   (store.detached.take): forged, unknown or another subject is
    401; expired or already used is 410; a replay that cannot be whole
    (overflowed, or lost in a Redis failover) is 410 with its reason, so the
    client knows to start over and resynchronise. A buffer still being
@@ -74,17 +75,14 @@ async def claim(node, raw: str, token: str | None):
         raise _refuse(d.FORGED)
     sid, th = parsed
     store = node.cluster.store.detached
-    try:
-        peek = await store.get(sid)
-    except StoreUnavailable:
-        raise Refusal(503, "resume refused: session store unreachable; retry", metric="resume_store_unavailable",
-                      headers=(("Retry-After", "2"),)) from None
-    route = None
-    if peek is not None:
-        route = _route(node, peek.get("route"))
-    claims = None
-    if route is not None and route.wants_token and (token is not None or route.needs_token):
-        claims = await node.identity.verify(token)   # 401 on any problem with the credentials
+    # The credentials first, whatever the route: the store compares the subject
+    # (unless the session's route takes no token) in the same step as the take.
+    claims = refusal = None
+    if token is not None and node.identity.verifier is not None:
+        try:
+            claims = await node.identity.verify(token)
+        except Refusal as r:
+            refusal = r
     sub = claims.get("sub") if claims and isinstance(claims.get("sub"), str) else None
     loop = asyncio.get_running_loop()
     wait_until = loop.time() + SEAL_WAIT_S
@@ -97,15 +95,19 @@ async def claim(node, raw: str, token: str | None):
         if status != d.PENDING or loop.time() >= wait_until:
             break
         await asyncio.sleep(0.05)
+    if status == d.SUBJECT and refusal is not None:
+        raise refusal   # the credentials themselves were refused: say why
     if status != d.OK:
         raise _refuse(status, (rec or {}).get("retry_after_s"))
-    if route is None:
-        route = _route(node, rec.get("route"))
+    route = _route(node, rec.get("route"))
     if route is None:
         await release(node, sid)
         metrics.resume_refusals.labels("route_gone").inc()
         raise Refusal(410, "resume refused: the session's route no longer exists; start a new session",
                       metric="resume_route_gone")
+    if route.wants_token and claims is None and (refusal is not None or route.needs_token):
+        await release(node, sid)
+        raise refusal or Refusal(401, "missing token", metric="missing_token")
     return route, (claims if route.wants_token else None), rec
 
 

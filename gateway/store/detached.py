@@ -49,6 +49,7 @@ class Parked:
     record: dict        # its session record (cluster.record), state "detached"
     token_hash: str     # sha256 hex of the resume token's secret part
     window_s: float     # drain.resume_window_s
+    check_subject: bool = True   # False: its route takes no token, so any (or no) subject may resume it
 
 
 # take() answers
@@ -80,7 +81,8 @@ class DetachedSessions(Protocol):
 
     async def take(self, sid: str, token_hash: str, sub: str | None, node: str,
                    lease_s: float) -> tuple[str, dict | None]:
-        """Lease the session to `node` for a resume. Returns (OK, record) or
+        """Lease the session to `node` for a resume (`sub`: the resuming client's
+        subject, checked unless the session's route takes no token). Returns (OK, record) or
         (one of the other answers above, None; LEASED gives the seconds left
         in the record's place as {"retry_after_s": x})."""
 
@@ -107,6 +109,14 @@ class DetachedSessions(Protocol):
         Exactly one caller gets the record (for its disconnect event)."""
 
 
+ANY_SUBJECT = "*"   # the det record's `sub` when its route takes no token
+
+
+def subject_field(item: Parked) -> str:
+    """What `take` compares the resuming client's subject with."""
+    return (item.record.get("sub") or "") if item.check_subject else ANY_SUBJECT
+
+
 def member(record: dict) -> dict:
     """The channel index entry of a detached session."""
     return {"node": DETACHED_NODE, "conn": record.get("connection"), "sub": record.get("sub")}
@@ -129,7 +139,7 @@ class MemoryDetached:
             s._delete(sid, rec["node"], None, ())
             ttl = item.window_s + TOMBSTONE_S
             until = self._now() + item.window_s
-            s._set(f"det:{sid}", {"rec": rec, "th": item.token_hash, "sub": rec.get("sub") or "",
+            s._set(f"det:{sid}", {"rec": rec, "th": item.token_hash, "sub": subject_field(item),
                                   "state": "detached", "until": until, "lease": "", "lease_until": 0.0,
                                   "n": 0, "bytes": 0, "over": False, "sealed": False}, ttl)
             s._set(f"replay:{sid}", [], ttl)
@@ -196,7 +206,7 @@ class MemoryDetached:
             return USED, None
         if d["state"] == "expired" or d["until"] <= now:
             return EXPIRED, None
-        if d["sub"] != (sub or ""):
+        if d["sub"] != ANY_SUBJECT and d["sub"] != (sub or ""):
             return SUBJECT, None
         if d["state"] == "resuming" and d["lease"] != node and d["lease_until"] > now:
             return LEASED, {"retry_after_s": d["lease_until"] - now}

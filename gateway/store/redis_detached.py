@@ -78,7 +78,7 @@ if h[1] ~= ARGV[1] then return {'forged'} end
 if h[3] == 'used' then return {'used'} end
 local now = tonumber(ARGV[5])
 if h[3] == 'expired' or tonumber(h[4]) <= now then return {'expired'} end
-if h[2] ~= ARGV[2] then return {'subject'} end
+if h[2] ~= '*' and h[2] ~= ARGV[2] then return {'subject'} end
 if h[3] == 'resuming' and h[5] ~= ARGV[3] and tonumber(h[6]) > now then
   return {'leased', tostring(tonumber(h[6]) - now)}
 end
@@ -183,7 +183,7 @@ class RedisDetached:
             conn, sub = rec.get("connection"), rec.get("sub")
             keys = self._keys(sid) + [k(f"session:{sid}"), k(f"node:{rec['node']}:sessions"),
                                       k(f"conn:{conn}") if conn else "", k(f"sub:{sub}") if sub is not None else ""]
-            args = [orjson.dumps(rec), item.token_hash, sub or "", _now_ms() + int(item.window_s * 1000), ttl_ms,
+            args = [orjson.dumps(rec), item.token_hash, d.subject_field(item), _now_ms() + int(item.window_s * 1000), ttl_ms,
                     sid, orjson.dumps(d.member(rec))] + [k(f"chan:{c}") for c in rec.get("channels") or ()]
             await script(keys=keys, args=args, client=p)
         async with s._guard("park"):

@@ -121,3 +121,11 @@ async def test_a_buffer_from_another_redis_is_lost_not_whole(redis_cluster, redi
         c.hset(PREFIX + "det:s1", "run", c.info("server")["run_id"])
         c.delete(PREFIX + "replay:s1")   # the buffer itself gone
     assert await s.detached.take("s1", TH, "u1", "nb", 5) == (d.LOST, None)
+
+
+async def test_a_session_whose_route_takes_no_token_resumes_whatever_the_subject(cluster):
+    s = await cluster.node()
+    await s.detached.park([Parked(rec("s1", sub=None, state="detached"), TH, 60, check_subject=False)])
+    await s.detached.append("s1", [], 100, 1000, seal=True)
+    assert await s.detached.take("s1", "b" * 64, "u9", "nb", 5) == (d.FORGED, None)   # the token still counts
+    assert (await s.detached.take("s1", TH, "u9", "nb", 5))[0] == d.OK
