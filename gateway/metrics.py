@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
 MULTIPROC = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -27,6 +27,9 @@ message_bytes = Counter("gateway_message_bytes_total", "Bytes relayed (frames in
 refusals = Counter("gateway_handshake_refusals_total", "Handshakes refused before the upgrade", ["reason"])
 upstream_failures = Counter("gateway_upstream_connect_failures_total", "Failed upstream dials",
                             ["backend", "endpoint"])
+upstream_ejections = Counter("gateway_upstream_ejections_total",
+                             "Endpoints taken out of rotation after eject_after_failures failed dials",
+                             ["backend", "endpoint"])
 protocol_errors = Counter("gateway_protocol_violations_total", "Sessions closed for a protocol violation",
                           ["code"])
 slow_consumers = Counter("gateway_slow_consumer_closes_total", "Sessions closed because a peer stopped reading",
@@ -50,6 +53,11 @@ drain_left = Gauge("gateway_drain_sessions_left", "Sessions this node still has 
 config_reloads = Counter("gateway_config_reloads_total", "Config reloads", ["result"])
 store_available = Gauge("gateway_store_available", "1 while the session store (Redis) answers, 0 during an outage",
                         **({"multiprocess_mode": "min"} if MULTIPROC else {}))
+store_seconds = Histogram("gateway_store_command_seconds", "Session store (Redis) calls: time to answer, by op",
+                          ["op"], buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+store_errors = Counter("gateway_store_errors_total",
+                       "Session store (Redis) calls that failed as unreachable (connection, timeout, failover)",
+                       ["op"])
 store_resyncs = Counter("gateway_store_resyncs_total",
                         "Times this node rewrote all its records (after an outage or a lost write)")
 nodes_reaped = Counter("gateway_nodes_reaped_total", "Dead nodes this node cleaned up, and their sessions",
@@ -79,6 +87,17 @@ class RouteMetrics:
         if child is None:
             child = self._closes[code] = session_closes.labels(self.route, str(code))
         child.inc()
+
+
+_store_ops: dict[str, tuple] = {}
+
+
+def store_op(op: str) -> tuple:
+    """(latency histogram child, error counter child) for a store op, bound once per op."""
+    children = _store_ops.get(op)
+    if children is None:
+        children = _store_ops[op] = (store_seconds.labels(op), store_errors.labels(op))
+    return children
 
 
 def exposition() -> bytes:

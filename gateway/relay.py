@@ -84,7 +84,7 @@ class Session(Closing, Seam, Moving, Draining):
         # reattach: how to dial another upstream (reattach.Redial, None: never moved), a move under way
         "redial", "move",
         # housekeeping
-        "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u",
+        "ticks", "quiet_ticks", "last_msgs", "ping_due", "flushed_c", "flushed_u", "flushed_cb", "flushed_ub",
         # what sinks and the management API keep per session
         "channels", "sink_state",
         # while draining: what was meant for the client, on its way to the replay buffer (replay.py)
@@ -134,7 +134,7 @@ class Session(Closing, Seam, Moving, Draining):
         self.redial = self.move = None
         self.ticks = self.quiet_ticks = self.last_msgs = 0
         self.ping_due = False
-        self.flushed_c = self.flushed_u = 0
+        self.flushed_c = self.flushed_u = self.flushed_cb = self.flushed_ub = 0
         self.channels = None
         self.sink_state = None
         self.capture = None

@@ -297,6 +297,12 @@ class Node:
         if s.u_msgs != s.flushed_u:
             rm.msgs_out.inc(s.u_msgs - s.flushed_u)
             s.flushed_u = s.u_msgs
+        if s.c_bytes != s.flushed_cb:
+            rm.bytes_in.inc(s.c_bytes - s.flushed_cb)
+            s.flushed_cb = s.c_bytes
+        if s.u_bytes != s.flushed_ub:
+            rm.bytes_out.inc(s.u_bytes - s.flushed_ub)
+            s.flushed_ub = s.u_bytes
 
     def count_violation(self, s: Session, code: int) -> None:
         metrics.protocol_errors.labels(str(code)).inc()

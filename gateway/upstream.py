@@ -99,6 +99,7 @@ class BackendPool:
         ep.failures += 1
         if ep.failures >= self.spec.eject_after_failures:
             ep.ejected_until = time.monotonic() + self.spec.eject_cooldown_s
+            metrics.upstream_ejections.labels(self.name, ep.url).inc()
             log.warning("endpoint ejected", extra={"fields": {"event": "endpoint_ejected", "backend": self.name,
                                                               "endpoint": ep.url, "failures": ep.failures}})
 

@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
+from .. import metrics
 from ..errors import HistoryEpochChanged, HistoryTrimmed, RecordVersionError, StoreUnavailable
 from ..records import decode, encode
 from .base import BusHandler, Delete, HistoryEntry, HistoryPage, Join, Leave, Op, Put
@@ -194,12 +195,17 @@ class RedisStore:
 
     @contextlib.asynccontextmanager
     async def _guard(self, what: str):
+        seconds, errors = metrics.store_op(what)
+        t0 = time.monotonic()
         try:
             async with asyncio.timeout(self._call_limit_s):
                 yield
         except _DOWN as e:
+            errors.inc()
             self._down(what, e)
             raise StoreUnavailable(f"redis unreachable ({what}): {type(e).__name__}: {e}") from e
+        finally:
+            seconds.observe(time.monotonic() - t0)
         self._up()
 
     def _down(self, what: str, e: BaseException) -> None:
