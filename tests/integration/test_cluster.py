@@ -389,6 +389,7 @@ async def test_a_channel_message_crosses_redis_once_per_node_not_per_recipient(t
     g1, g2, g3 = three
     clients = [await open_client(http, g2, f"u{i}") for i in range(5)] + [await open_client(http, g3, "w")]
     for _, conn in clients:
+        await known_everywhere(http, [g1], conn)   # its record is written in the next 5 ms batch
         status, _ = await api(http, g1, "PUT", f"/v1/connections/{conn}/channels/news")
         assert status == 200
     answered = metrics.bus_requests.labels("chan", "answered")
