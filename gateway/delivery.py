@@ -23,6 +23,7 @@ from . import frames, metrics, reattach
 from .config import ChannelRule
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
+from .parked import Parked
 from .store.detached import DETACHED_NODE
 
 log = logging.getLogger("gateway.cluster")
@@ -66,6 +67,7 @@ class Delivery:
         self._outbox: collections.deque = collections.deque()
         self._outbox_wake = asyncio.Event()
         self.outbox_dropped = 0
+        self.parked = Parked(self.store, cluster.node)   # drained sessions' replay buffers
 
     # ------------------------------------------------------------ the bus
     async def _ask(self, nodes, header: dict, payload: bytes = b"") -> tuple[dict[str, dict], list[str]]:
@@ -259,10 +261,10 @@ class Delivery:
         for _ in range(3):
             if await self._where(any_id) is not None:
                 break
-            det = await self._detached(any_id)
+            det = await self.parked.find(any_id)
             if det is None:
                 break
-            kept, full, _ = await self._buffer([det["session"]], opcode, payload)
+            kept, full, _ = await self.parked.append([det["session"]], opcode, payload)
             if not kept and not full:
                 continue    # it was resumed just now: look again
             if not kept:
@@ -271,43 +273,6 @@ class Delivery:
             return {"delivered": 1, "buffered": 1}
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
         return {"delivered": answer.get("n", 0)}
-
-    # ------------------------------------------------------------ detached sessions
-    async def _detached(self, any_id: str) -> dict | None:
-        """The detached record of a drained session, by session or connection id."""
-        det = await self.store.detached.get(any_id)
-        if det is None:
-            sid = await self.store.session_of_connection(any_id)
-            if sid is not None and sid != any_id:
-                det = await self.store.detached.get(sid)
-        return det
-
-    async def _buffer(self, sids, opcode: int, payload: bytes) -> tuple[int, int, int]:
-        """Append to detached sessions' replay buffers: (kept, full: not kept, gone: not detached any more)."""
-        cfg = self.node.config.drain
-        kept = full = gone = 0
-        for sid in sids:
-            added, status = await self.store.detached.append(sid, [(opcode, payload)], cfg.replay_max_messages,
-                                                             cfg.replay_max_bytes)
-            if added:
-                kept += 1
-                metrics.replay_buffered.labels("api").inc()
-            elif status == "full":
-                full += 1
-            else:
-                gone += 1
-        return kept, full, gone
-
-    async def _buffer_detached(self, index: dict, out: dict, opcode: int, payload: bytes) -> None:
-        """Add what went to detached sessions (index entries with node "") to an answer."""
-        sids = [sid for sid, node in index.items() if node == DETACHED_NODE]
-        if not sids:
-            return
-        kept, full, _ = await self._buffer(sids, opcode, payload)
-        out["delivered"] += kept
-        out["buffered"] = kept
-        if full:
-            out["buffer_full"] = full
 
     async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
         s = self.local(any_id)
@@ -344,7 +309,7 @@ class Delivery:
     async def record_of(self, any_id: str) -> dict | None:
         rec = await self._where(any_id)
         if rec is None:
-            rec = await self._detached(any_id)   # drained, waiting for its resume
+            rec = await self.parked.find(any_id)   # drained, waiting for its resume
         if rec is not None:
             rec = {k: v for k, v in rec.items() if k not in ("v", "kind", "claims", "events")}
         return rec
@@ -361,7 +326,7 @@ class Delivery:
         answers, missing = await self._ask(nodes, {"op": "sub", "sub": sub, "opcode": opcode}, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self._buffer_detached(index, out, opcode, payload)
+        await self.parked.add_to_answer(index, out, opcode, payload)
         return out
 
     async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
@@ -384,7 +349,7 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self._buffer_detached({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload)
+        await self.parked.add_to_answer({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload)
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch
