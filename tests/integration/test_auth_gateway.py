@@ -18,7 +18,7 @@ from joserfc.jwk import RSAKey
 
 from gateway import frames
 
-from ..helpers import RawClient
+from ..helpers import RawClient, until
 
 SECRET = "k" * 64
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -333,7 +333,7 @@ async def test_missing_secret_env_is_a_startup_error(tmp_path, monkeypatch):
     assert "environment variable TEST_JWT_SECRET is not set" in res.stderr
 
 
-async def test_client_leaving_during_a_slow_jwks_fetch_leaves_nothing_behind(gateway, backend):
+async def test_client_leaving_during_a_slow_jwks_fetch_leaves_nothing_behind(gateway, backend, http):
     gate = asyncio.Event()
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
     jwk.update(kid="k1", alg="RS256", use="sig")
@@ -365,15 +365,22 @@ async def test_client_leaving_during_a_slow_jwks_fetch_leaves_nothing_behind(gat
                       f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                       f"Authorization: Bearer {token}\r\n\r\n").encode())
         await writer.drain()
-        await asyncio.sleep(0.2)
+        # The handshake has reached auth once the refresh for kid k2 is at the JWKS server.
+        await until(lambda: asyncio.sleep(0, len(calls) == 2), what="the refresh for k2 reached the JWKS server")
         writer.transport.abort()
-        for _ in range(100):
-            if gw.node.sockets == 0:
-                break
-            await asyncio.sleep(0.02)
+        # A round trip to the same event loop: by its answer the reset has been read.
+        async with http.get(f"{gw.admin_url}/healthz") as r:
+            assert r.status == 200
         gate.set()
-        await asyncio.sleep(0.3)
-        assert gw.node.sockets == 0 and gw.node.sessions == {}
+        # The refresh now returns and the aborted handshake resumes: it must not open a session.
+        # A second client with the same token is served only after that refresh is done, so
+        # once it has come and gone the first handshake's continuation has run too.
+        async with http.ws_connect(gw.url + "/ws", headers={"Authorization": f"Bearer {token}"}) as ws:
+            await ws.send_str("after")
+            assert (await ws.receive(timeout=5)).data == "after"
+            assert len(gw.node.sessions) == 1
+        await until(lambda: asyncio.sleep(0, gw.node.sockets == 0 and gw.node.sessions == {}),
+                    what="nothing left behind")
     finally:
         gate.set()
         await runner.cleanup()
