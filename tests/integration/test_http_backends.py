@@ -8,6 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway.session import State
+
 from ..httppeer import eventually, http_peer  # noqa: F401  (fixture)
 
 
@@ -210,7 +212,9 @@ async def test_reply_headers_subscribe_and_unsubscribe(gateway, http, http_peer)
 
 async def test_connect_event_refuses_with_its_status(gateway, http, http_peer):
     async def handler(request, body):
-        return web.Response(status=403, text="no")
+        if request.headers.get("Gateway-Path") == "/h?room=1":
+            return web.Response(status=403, text="no")
+        return web.Response(status=204)
 
     ev = await http_peer(handler)
     gw = await gateway({"backends": {"ev": {"type": "http", "endpoints": [ev.url]},
@@ -225,8 +229,13 @@ async def test_connect_event_refuses_with_its_status(gateway, http, http_peer):
     assert req.headers["X-App"] == "7"
     assert req.headers["Gateway-Path"] == "/h?room=1"
     assert "Gateway-Claim-sub" not in req.headers
-    await asyncio.sleep(0.05)
-    assert ev.of("disconnect") == []       # never connected: no disconnect
+    # Never connected: no disconnect. A session that does connect and leave afterwards is
+    # the barrier: its disconnect is the only one.
+    async with http.ws_connect(gw.url + "/h?room=2"):
+        pass
+    await eventually(lambda: len(ev.of("disconnect")) >= 1)
+    second = ev.of("connect")[1].headers["Gateway-Connection-Id"]
+    assert [r.headers["Gateway-Connection-Id"] for r in ev.of("disconnect")] == [second]
 
 
 async def test_connect_event_failure_is_502(gateway, http):
@@ -282,7 +291,8 @@ async def test_disconnect_follows_queued_messages_once_whatever_the_reason(gatew
         await ws.send_str(f"m{i}")
     await eventually(lambda: len(b.requests) == 1)
     await ws.close()
-    await asyncio.sleep(0.05)
+    # The gateway has seen the close while m0 is still at the backend.
+    await eventually(lambda: all(x.state is not State.OPEN for x in gw.node.sessions.values()))
     gate.set()
     await eventually(lambda: len(b.of("disconnect")) == 1)
     assert [r.body for r in b.requests][:3] == [b"m0", b"m1", b"m2"]
@@ -299,8 +309,12 @@ async def test_disconnect_follows_queued_messages_once_whatever_the_reason(gatew
     await eventually(lambda: len(b.of("disconnect")) == 2)
     assert b.of("disconnect")[1].headers["Gateway-Close-Code"] == "4100"
     assert b.of("disconnect")[1].headers["Gateway-Closed-By"] == "gateway"
-    await asyncio.sleep(0.05)
-    assert len(b.of("disconnect")) == 2
+    # Once only: a later session's disconnect is the barrier, and it is the third.
+    async with http.ws_connect(gw.url + "/h"):
+        pass
+    await eventually(lambda: len(b.of("disconnect")) >= 3)
+    assert len(b.of("disconnect")) == 3
+    assert b.of("disconnect")[2].headers["Gateway-Close-Code"] == "1000"
 
 
 async def test_disconnect_sent_for_sessions_closed_by_shutdown(gateway, http, http_peer):

@@ -17,7 +17,7 @@ import yaml
 from aiohttp import WSMsgType
 
 from ..conftest import proxy_config
-from ..helpers import free_port
+from ..helpers import free_port, until
 
 
 class Proc:
@@ -114,9 +114,12 @@ async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
         for _ in range(3):
             await ws.send_str("m")
             await ws.receive()
-        await asyncio.sleep(0.5)  # a tick (every 0.2 s here) flushes counters while open
-        async with http.get(gw.admin_url + "/metrics") as r:
-            text = await r.text()
+        async def flushed():
+            # Counters are kept per session and flushed by the node's tick while it is open.
+            async with http.get(gw.admin_url + "/metrics") as r:
+                text = await r.text()
+            return text if metric(text, msgs) - metric(before, msgs) >= 3 else None
+        text = await until(flushed, what="the open session's counters flushed")
     assert metric(text, 'gateway_sessions_open{route="r"}') >= 1
     assert metric(text, msgs) - metric(before, msgs) == 3
     with pytest.raises(aiohttp.WSServerHandshakeError):

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from ..conftest import proxy_config
-from ..helpers import free_port
+from ..helpers import free_port, until
 
 
 async def test_round_robin_spreads_sessions(gateway, backend, http):
@@ -26,7 +26,8 @@ async def test_least_connections_prefers_the_idle_endpoint(gateway, backend, htt
     gw = await gateway(proxy_config(b1.url, b2.url, backend={"balance": "least_connections"}))
     held = [await http.ws_connect(gw.url + "/ws") for _ in range(2)]   # one on each
     await held[0].close()
-    await asyncio.sleep(0.1)
+    endpoints = gw.node.routing.pools["b"].endpoints
+    await until(lambda: asyncio.sleep(0, sorted(e.active for e in endpoints) == [0, 1]), what="one endpoint freed")
     # Whichever endpoint lost its session is now the least loaded: the next two go there and then alternate.
     freed = b1 if gw.node.routing.pools["b"].endpoints[0].active == 0 else b2
     before = freed.sessions
@@ -112,12 +113,12 @@ async def test_passive_ejection_then_cooldown(gateway, backend, http):
             pass
     # Two failures eject it: after that it is not even tried.
     assert len(bad.requests) == 2
-    await asyncio.sleep(0.6)
-    async with http.ws_connect(gw.url + "/ws"):
-        pass
-    async with http.ws_connect(gw.url + "/ws"):
-        pass
-    assert len(bad.requests) == 3  # tried again after the cool-down
+
+    async def tried_again():
+        async with http.ws_connect(gw.url + "/ws"):
+            pass
+        return len(bad.requests) == 3
+    await until(tried_again, what="the ejected endpoint tried again after its cool-down")
 
 
 async def test_active_health_check_takes_endpoint_out_and_back(gateway, backend, http):
