@@ -35,6 +35,7 @@ class Parked:
                 metrics.replay_buffered.labels("api").inc()
             elif status == "full":
                 full += 1
+                metrics.replay_overflows.inc()
             else:
                 gone += 1
         return kept, full, gone
