@@ -19,6 +19,16 @@ once per ended session, after the messages still queued for that backend.
 
 All backends of a node share one aiohttp ClientSession (`HttpClient`), so
 connections to backends are pooled and kept alive.
+
+Metrics are counted per message in local books (metrics.LocalHistogram and
+LocalCounter, bound once per backend: no lock, no label lookup) and flushed
+every metrics.FLUSH_S and at each scrape. Two latencies per message:
+the round trip (POST call to reply body read, as aiohttp sees it, so its own
+request building and reply parsing are in it) and what the gateway adds
+(message read from the client, or the end of the request it queued behind, to
+its reply written to the client, minus that round trip: task start, headers,
+the reply's frame and write). A request that gets no answer (timeout,
+unreachable) is counted by result and timed in neither.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import orjson
 from prometheus_client import Counter
 from yarl import URL
 
-from . import frames
+from . import frames, metrics
 from .auth import forward_claim_headers
 from .channels import ChannelError, parse_list
 from .errors import TRY_AGAIN_LATER, Refusal, ReplyTooLarge
@@ -63,8 +73,10 @@ class HttpClient:
         self.keepalive_s = keepalive_s
         self.session: aiohttp.ClientSession | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.flusher = metrics.Flusher()
 
     def start(self) -> None:
+        self.flusher.start(asyncio.get_running_loop())
         if self.session is None:
             connector = aiohttp.TCPConnector(limit=self.limit, keepalive_timeout=self.keepalive_s,
                                              enable_cleanup_closed=False)
@@ -87,6 +99,7 @@ class HttpClient:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        self.flusher.stop()
 
 
 class _Conn:
@@ -180,15 +193,28 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
 
 
 class Reply:
-    __slots__ = ("status", "body", "content_type", "subscribe", "unsubscribe")
+    __slots__ = ("status", "body", "content_type", "subscribe", "unsubscribe", "round_trip")
 
     def __init__(self, status: int, body: bytes, content_type: str | None, subscribe: str | None,
                  unsubscribe: str | None):
+        self.round_trip = 0.0   # seconds, set by HttpBackend.request
         self.status = status
         self.body = body
         self.content_type = content_type
         self.subscribe = subscribe
         self.unsubscribe = unsubscribe
+
+
+class _EventBooks:
+    """One event's local books for one backend: requests by result, round trips."""
+
+    __slots__ = ("event", "round_trip", "ok", "client_error", "server_error", "timeout", "unreachable", "error")
+
+    def __init__(self, backend: str, event: str):
+        self.event = event
+        self.round_trip = metrics.local(metrics.http_round_trip, backend, event)
+        for result in self.__slots__[2:]:
+            setattr(self, result, metrics.local(requests_total, backend, event, result))
 
 
 class _Throttle:
@@ -224,7 +250,12 @@ class HttpBackend:
         self.urls = {id(ep): URL(ep.url) for ep in self.pool.endpoints}
         self.max_queue = spec.max_queue
         self.timeout = aiohttp.ClientTimeout(total=spec.timeout_s, connect=spec.connect_timeout_s)
-        self._metrics: dict[tuple[str, str], object] = {}
+        self._connect = _EventBooks(spec.name, "connect")
+        self._message = _EventBooks(spec.name, "message")
+        self._disconnect = _EventBooks(spec.name, "disconnect")
+        self._added = metrics.local(metrics.http_added, spec.name)
+        self._dial_failures = {id(ep): metrics.local(metrics.upstream_failures, spec.name, ep.url)
+                               for ep in self.pool.endpoints}
         self._overflow_metric = queue_overflows.labels(spec.name)
         self._throttle = _Throttle()
         # Plain counts, also shown by the management API.
@@ -250,38 +281,47 @@ class HttpBackend:
             conn.queue.append((opcode, payload))
             return
         conn.busy = True
-        self.client.spawn(self._work(session, st, conn, opcode, payload))
+        self.client.spawn(self._work(session, st, conn, opcode, payload, time.monotonic()))
 
     def on_close(self, session) -> None:
         # Messages already taken from the client are still delivered, then
         # the disconnect event (queued behind them): nothing to do here.
         pass
 
-    async def _work(self, session, st: SessionLink, conn: _Conn, opcode: int, payload: bytes) -> None:
+    async def _work(self, session, st: SessionLink, conn: _Conn, opcode: int, payload: bytes,
+                    ready: float) -> None:
+        """Work through the queue. `ready`: when the current item could start
+        (taken from the client, or the previous item's end)."""
         try:
             while True:
                 try:
                     if opcode == _DISCONNECT:
                         await self._send_disconnect(session, st)
+                        ready = time.monotonic()
                     else:
-                        await self._send_message(session, st, opcode, payload)
+                        ready = await self._send_message(session, st, opcode, payload, ready)
                 except Exception:  # a bug here must not stall the queue or vanish
                     log.exception("http backend error", extra={"fields": {
                         "event": "http_backend_error", "conn": session.id, "backend": self.name}})
+                    ready = time.monotonic()
                 if not conn.queue:
                     break
                 opcode, payload = conn.queue.popleft()
         finally:
             conn.busy = False
 
-    async def _send_message(self, session, st: SessionLink, opcode: int, payload: bytes) -> None:
-        reply = await self.request(st, st.message_headers(opcode), payload, "message", session)
+    async def _send_message(self, session, st: SessionLink, opcode: int, payload: bytes, ready: float) -> float:
+        """POST one message and apply the reply; returns when it was done (monotonic)."""
+        reply = await self.request(st, st.message_headers(opcode), payload, self._message, session)
         if reply is None:
-            return
+            return time.monotonic()
         if 200 <= reply.status < 300:
             self.apply(session, reply)
         else:
             self._failed("message", session, status=reply.status)
+        done = time.monotonic()
+        self._added.observe(done - ready - reply.round_trip)
+        return done
 
     def apply(self, session, reply: Reply) -> None:
         """A 2xx reply: channel changes first, then the body (so a reply that
@@ -306,7 +346,7 @@ class HttpBackend:
     async def connect(self, session, st: SessionLink, client_headers=(), path: str = "/") -> Reply:
         """The connect event, before the upgrade. Returns the 2xx reply or raises Refusal."""
         headers = [*client_headers, *st.base.items(), ("Gateway-Event", "connect"), ("Gateway-Path", path)]
-        reply = await self.request(st, headers, b"", "connect", session)
+        reply = await self.request(st, headers, b"", self._connect, session)
         if reply is None:
             raise Refusal(502, "connect backend unavailable", metric="connect_backend_failed")
         if 200 <= reply.status < 300:
@@ -332,29 +372,31 @@ class HttpBackend:
             conn.queue.append((_DISCONNECT, b""))  # not bounded by max_queue: one per session
         else:
             conn.busy = True
-            self.client.spawn(self._work(session, st, conn, _DISCONNECT, b""))
+            self.client.spawn(self._work(session, st, conn, _DISCONNECT, b"", 0.0))
 
     async def _send_disconnect(self, session, st: SessionLink) -> None:
         code = session.close_code
         headers = {**st.base, "Gateway-Event": "disconnect", "Gateway-Close-Code": str(code),
                    "Gateway-Closed-By": session.closer or "client", "Content-Type": "application/json"}
         body = orjson.dumps({"code": code, "reason": session.close_reason, "by": session.closer or "client"})
-        reply = await self.request(st, headers, body, "disconnect", session)
+        reply = await self.request(st, headers, body, self._disconnect, session)
         if reply is not None and not 200 <= reply.status < 300:
             self._failed("disconnect", session, status=reply.status)
 
     # ------------------------------------------------------------ the request
-    async def request(self, st: SessionLink, headers, body: bytes, event: str, session) -> Reply | None:
+    async def request(self, st: SessionLink, headers, body: bytes, books: _EventBooks, session) -> Reply | None:
         """POST to the first endpoint that takes the connection. None on failure (counted, logged)."""
+        event = books.event
         http = self.client.session
         if http is None:
-            self._count(event, "unreachable")
+            books.unreachable.n += 1
             self._failed(event, session, why="http client not started")
             return None
         # The session's own limit, fixed when it went live; the node's for a connect event
         # (before that) and for a session rebuilt from another node's record (cluster.LostSession).
         lim = getattr(session, "limits", None) or self.node.live_limits
         cap = lim.max_message_bytes
+        sent = time.monotonic()
         for ep in self.pool.order(st.hash_key):
             try:
                 async with http.post(self.urls[id(ep)], data=body, headers=headers, timeout=self.timeout,
@@ -366,25 +408,28 @@ class HttpBackend:
                                   h.get("Gateway-Unsubscribe"))
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
                 # Nothing was sent: safe to try the next endpoint.
+                self._dial_failures[id(ep)].n += 1
                 self.pool.dial_failed(ep)
                 continue
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                self._count(event, "timeout")
+                books.timeout.n += 1
                 self._failed(event, session, why=f"timeout after {self.spec.timeout_s}s", endpoint=ep.url)
                 return None
             except ReplyTooLarge:
-                self._count(event, "error")
+                books.error.n += 1
                 self._failed(event, session, why=f"reply too large (max {cap} bytes)", endpoint=ep.url)
                 return None
             except aiohttp.ClientError as exc:
-                self._count(event, "error")
+                books.error.n += 1
                 self._failed(event, session, why=type(exc).__name__, endpoint=ep.url)
                 return None
+            reply.round_trip = rtt = time.monotonic() - sent
+            books.round_trip.observe(rtt)
             self.pool.dial_succeeded(ep)
             self.sent += 1
-            self._count(event, "ok" if status < 300 else "client_error" if status < 500 else "server_error")
+            (books.ok if status < 300 else books.client_error if status < 500 else books.server_error).n += 1
             return reply
-        self._count(event, "unreachable")
+        books.unreachable.n += 1
         self._failed(event, session, why="no endpoint reachable")
         return None
 
@@ -392,12 +437,6 @@ class HttpBackend:
     def _forward_claims(self):
         jwt = getattr(getattr(self.node.config, "auth", None), "jwt", None)
         return jwt.forward_claims if jwt is not None else ("sub",)
-
-    def _count(self, event: str, result: str) -> None:
-        child = self._metrics.get((event, result))
-        if child is None:
-            child = self._metrics[(event, result)] = requests_total.labels(self.name, event, result)
-        child.inc()
 
     def _failed(self, event: str, session, **fields) -> None:
         self.failed += 1

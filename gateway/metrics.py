@@ -11,6 +11,7 @@ start), so any worker's /metrics answers for the whole node.
 
 from __future__ import annotations
 
+import bisect
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,7 +46,8 @@ resume_refusals = Counter("gateway_resume_refusals_total", "Resumes refused, by 
 replay_buffered = Counter("gateway_replay_buffered_messages_total",
                           "Messages written to detached sessions' replay buffers", ["source"])
 replay_overflows = Counter("gateway_replay_overflows_total",
-                           "Replay buffers that reached drain.replay_max_messages or replay_max_bytes")
+                           "Writes refused by a full replay buffer (drain.replay_max_messages or replay_max_bytes): "
+                           "the drain's capture or an API push; that session's resume will be refused")
 detached_expired = Counter("gateway_detached_sessions_expired_total",
                            "Detached sessions whose resume window ended without a resume")
 drain_left = Gauge("gateway_drain_sessions_left", "Sessions this node still has to detach while it drains",
@@ -65,6 +67,18 @@ nodes_reaped = Counter("gateway_nodes_reaped_total", "Dead nodes this node clean
 bus_requests = Counter("gateway_cluster_requests_total",
                        "Requests this node sent to other nodes through the store's bus", ["op", "result"])
 draining = Gauge("gateway_draining", "1 while this node drains", **({"multiprocess_mode": "max"} if MULTIPROC else {}))
+# HTTP backends (httpbackend.py), counted locally per message and flushed (LocalHistogram).
+http_round_trip = Histogram(
+    "gateway_http_backend_round_trip_seconds",
+    "HTTP backend requests that got an answer (any status): from the POST call to the reply body read, "
+    "as the gateway's HTTP client sees it (dials to endpoints that refused first included), by event",
+    ["backend", "event"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+http_added = Histogram(
+    "gateway_http_backend_added_seconds",
+    "Client messages to HTTP backends: time the gateway itself adds, from the message read from the client "
+    "(or, queued behind an earlier one, from that one's end) to its reply frame written to the client, "
+    "minus the backend round trip",
+    ["backend"], buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1))
 
 
 class RouteMetrics:
@@ -100,7 +114,120 @@ def store_op(op: str) -> tuple:
     return children
 
 
+class LocalHistogram:
+    """One histogram child counted in plain numbers, flushed by `flush_local`.
+
+    `observe` is a bisect and two additions: no lock (prometheus_client's
+    Histogram.observe takes one and walks the buckets in Python), so the
+    per-message path can afford it. A flush adds the new counts into the
+    child's own bucket and sum values, which are what multiprocess mode writes
+    to its files: with several workers each one's flushed counts are summed
+    like any other histogram's.
+    """
+
+    __slots__ = ("metric", "labels", "bounds", "counts", "sum", "pending", "_child")
+
+    def __init__(self, metric: Histogram, labels: tuple[str, ...]):
+        self.metric = metric
+        self.labels = labels
+        bounds = [float(b) for b in metric._kwargs["buckets"]]
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.pending = False
+        self._child = None
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= the value, as Histogram.observe picks it.
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.pending = True
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        child = self._child
+        if child is None:
+            child = self._child = self.metric.labels(*self.labels)
+            # prometheus_client keeps a histogram child as one value per bucket
+            # (not cumulative) plus the sum; a release that changes that fails here.
+            if [float(b) for b in child._upper_bounds] != list(self.bounds):
+                raise RuntimeError(f"{self.metric._name}: prometheus_client's histogram layout changed")
+        counts = self.counts
+        for i, n in enumerate(counts):
+            if n:
+                child._buckets[i].inc(n)
+                counts[i] = 0
+        child._sum.inc(self.sum)
+        self.sum = 0.0
+        self.pending = False
+
+
+class LocalCounter:
+    """One counter child counted in a plain integer (`n += 1`), flushed by `flush_local`."""
+
+    __slots__ = ("metric", "labels", "n", "flushed")
+
+    def __init__(self, metric: Counter, labels: tuple[str, ...]):
+        self.metric = metric
+        self.labels = labels
+        self.n = 0
+        self.flushed = 0
+
+    def flush(self) -> None:
+        if self.n != self.flushed:
+            self.metric.labels(*self.labels).inc(self.n - self.flushed)
+            self.flushed = self.n
+
+
+# One local book per label set, shared by whoever counts it (a backend and its
+# replacement after a reload), so they are as bounded as the label sets.
+_books: dict[tuple, LocalHistogram | LocalCounter] = {}
+FLUSH_S = 1.0
+
+
+def local(metric, *labels: str):
+    """The local book (LocalHistogram or LocalCounter) of `metric` with these label values."""
+    key = (metric._name, labels)
+    book = _books.get(key)
+    if book is None:
+        book = _books[key] = (LocalHistogram if isinstance(metric, Histogram) else LocalCounter)(metric, labels)
+    return book
+
+
+def flush_local() -> None:
+    """Add what the local books counted since the last flush to the metrics."""
+    for book in list(_books.values()):
+        book.flush()
+
+
+class Flusher:
+    """Flushes the local books every FLUSH_S while a loop runs them (with
+    several workers, a scrape reaches one worker: the others' counts are at
+    most FLUSH_S old)."""
+
+    def __init__(self):
+        self._timer = None
+
+    def start(self, loop) -> None:
+        if self._timer is None:
+            self._timer = loop.call_later(FLUSH_S, self._tick, loop)
+
+    def _tick(self, loop) -> None:
+        flush_local()
+        self._timer = loop.call_later(FLUSH_S, self._tick, loop)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        flush_local()
+
+
 def exposition() -> bytes:
+    flush_local()   # this process's books; other workers' are flushed by their Flusher
     if MULTIPROC:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
