@@ -1,8 +1,9 @@
-"""The admin listener: health, readiness, metrics, and the management API.
+"""The admin listener: health, readiness, metrics, the management API and
+the live admin page (adminpage.py, at /ui/).
 
-/healthz, /readyz and /metrics need no token. Everything under /v1 needs
-`Authorization: Bearer <token>` (token from the env var named by
-admin.token_env), compared in constant time. With no token configured the
+/healthz, /readyz, /metrics and the page's static files need no token.
+Everything under /v1 needs `Authorization: Bearer <token>` (token from the
+env var named by admin.token_env), compared in constant time. With no token configured the
 API refuses to start unless the listener is bound to loopback.
 """
 
@@ -15,7 +16,7 @@ import os
 
 from aiohttp import web
 
-from . import management, metrics
+from . import adminpage, adminstatus, management, metrics
 from .errors import ConfigError
 
 
@@ -79,5 +80,7 @@ def build(node, cluster, on_drain, on_reload) -> web.Application:
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/v1/drain", drain)
     management.add_routes(app, node, cluster)
+    adminstatus.add_routes(app, node)
+    adminpage.add_routes(app)
     app[management.RELOAD] = on_reload
     return app
