@@ -67,6 +67,15 @@ nodes_reaped = Counter("gateway_nodes_reaped_total", "Dead nodes this node clean
 bus_requests = Counter("gateway_cluster_requests_total",
                        "Requests this node sent to other nodes through the store's bus", ["op", "result"])
 draining = Gauge("gateway_draining", "1 while this node drains", **({"multiprocess_mode": "max"} if MULTIPROC else {}))
+# Children that exist from the start, at 0: increase() needs an earlier sample,
+# so an alert on a series born at 1 would miss its first event (a failed reload).
+for _label in ("ok", "error"):
+    config_reloads.labels(_label)
+for _label in ("unknown", "forged", "subject", "expired", "used", "leased", "overflowed", "pending", "lost",
+               "route_gone", "finish_failed", "store_unreachable_at_drain"):   # resume.py, drain.py
+    resume_refusals.labels(_label)
+for _label in ("upstream_close", "unhealthy", "drained", "removed"):          # reattach.py
+    reattach_failures.labels(_label)
 # HTTP backends (httpbackend.py), counted locally per message and flushed (LocalHistogram).
 http_round_trip = Histogram(
     "gateway_http_backend_round_trip_seconds",
