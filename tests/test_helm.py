@@ -5,6 +5,7 @@ and make sure bad values fail the render with a message that says why."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "gateway"
 # v4.1.4's client is 1.35).
 KUBERNETES_VERSION = "1.35.0"
 # Kinds without a schema in kubernetes-validate (CRDs); checked by hand below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 JWKS_CONFIG = {
     "listen": {"host": "0.0.0.0", "port": 8080},
@@ -37,7 +38,9 @@ SCENARIOS = {
     "workers auto, several replicas": {"workers": "auto", "replicaCount": 5},
     "HPA on": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12,
                                "targetMemoryUtilizationPercentage": 80}},
-    "ServiceMonitor on": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "ServiceMonitor and PrometheusRule on": {
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
                           "networkPolicy": {"adminFrom": [{"namespaceSelector": {"matchLabels": {
                               "kubernetes.io/metadata.name": "monitoring"}}}]}},
     "existing secret": {"adminToken": {"create": False, "existingSecret": "gw-admin"},
@@ -103,7 +106,7 @@ def test_helm_is_the_real_one(helm):
     assert out.stdout.startswith(HELM_VERSION)
 
 
-@pytest.mark.parametrize("name", ["defaults", "JWKS", "Redis Sentinel"])
+@pytest.mark.parametrize("name", ["defaults", "JWKS", "Redis Sentinel", "ServiceMonitor and PrometheusRule on"])
 def test_lint_strict(helm, tmp_path, name):
     vfile = tmp_path / "values.yaml"
     vfile.write_text(yaml.safe_dump(SCENARIOS[name]))
@@ -122,7 +125,7 @@ def test_manifests_validate_strict(rendered, name):
 
 
 def test_servicemonitor_scrapes_the_admin_service(rendered):
-    docs = rendered["ServiceMonitor on"]
+    docs = rendered["ServiceMonitor and PrometheusRule on"]
     sm = _one(docs, "ServiceMonitor")
     admin = _one(docs, "Service", "edge-gateway-admin")
     assert sm["metadata"]["labels"]["release"] == "prom"
@@ -131,6 +134,21 @@ def test_servicemonitor_scrapes_the_admin_service(rendered):
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["admin"]
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     assert not [d for d in rendered["defaults"] if d["kind"] == "ServiceMonitor"]
+
+
+def test_prometheusrule_is_a_rule_group_of_alerts(rendered):
+    """kubernetes-validate has no schema for the CRD: its shape, by hand (the
+    alerts themselves are checked in test_alerts.py)."""
+    rule = _one(rendered["ServiceMonitor and PrometheusRule on"], "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    assert set(rule["spec"]) == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert set(group) == {"name", "rules"} and group["rules"]
+        for r in group["rules"]:
+            assert set(r) == {"alert", "expr", "for", "labels", "annotations"}, r
+            assert isinstance(r["expr"], str) and re.fullmatch(r"\d+[smh]", r["for"]), r
+            assert all(isinstance(v, str) for v in [*r["labels"].values(), *r["annotations"].values()]), r
+    assert not [d for d in rendered["defaults"] if d["kind"] == "PrometheusRule"]
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -238,7 +256,7 @@ def test_network_policy_keeps_admin_internal(rendered):
     assert "from" not in rules["ws"]          # clients from anywhere
     admin_from = rules["admin"]["from"]
     assert admin_from == [{"podSelector": {"matchLabels": pol["spec"]["podSelector"]["matchLabels"]}}]
-    mon = _one(rendered["ServiceMonitor on"], "NetworkPolicy")
+    mon = _one(rendered["ServiceMonitor and PrometheusRule on"], "NetworkPolicy")
     assert len([r for r in mon["spec"]["ingress"] if r["ports"][0]["port"] == "admin"][0]["from"]) == 2
     # the client Service never exposes the admin port
     ws = _one(docs, "Service", "edge-gateway")

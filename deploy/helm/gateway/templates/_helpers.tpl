@@ -160,3 +160,28 @@ set and long enough.
 {{- .Values.jwt.publicKey.existingSecret }}
 {{- end }}
 {{- end }}
+
+{{/*
+One alerting rule of the PrometheusRule, from a dict: root (the chart's
+context), name, expr, for, severity, summary, description. Left out when its
+name is in prometheusRule.disabled. runbook_url is prometheusRule.runbookBaseUrl
+plus "#" and the lower-cased name: the anchor of the alert's heading in
+docs/runbook.md.
+*/}}
+{{- define "gateway.alert" -}}
+{{- $v := .root.Values.prometheusRule }}
+{{- if not (has .name ($v.disabled | default list)) -}}
+- alert: {{ .name }}
+  expr: {{ .expr | quote }}
+  for: {{ .for }}
+  labels:
+    severity: {{ .severity }}
+    {{- with $v.alertLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    summary: {{ .summary | quote }}
+    description: {{ .description | quote }}
+    runbook_url: {{ printf "%s#%s" (trimSuffix "/" $v.runbookBaseUrl) (lower .name) | quote }}
+{{- end }}
+{{- end }}
