@@ -70,8 +70,18 @@ def test_dashboard_shows_what_operators_watch():
                  "gateway_handshake_refusals_total", "gateway_draining", "gateway_drain_sessions_left",
                  "gateway_resumes_total", "gateway_resume_refusals_total", "gateway_replayed_messages_total",
                  "gateway_replay_overflows_total", "gateway_reattaches_total", "gateway_store_available",
-                 "gateway_store_command_seconds", "gateway_store_errors_total"):
+                 "gateway_store_command_seconds", "gateway_store_errors_total",
+                 "gateway_http_backend_round_trip_seconds", "gateway_http_backend_added_seconds",
+                 "gateway_http_backend_requests_total"):
         assert name in used, f"{name} is on no panel"
+
+
+def test_latency_panels_show_p50_and_p99_from_the_buckets():
+    found = exprs(json.loads(DASHBOARD.read_text()))
+    for name in ("gateway_http_backend_round_trip_seconds", "gateway_http_backend_added_seconds"):
+        quantiles = {expr.split(",")[0] for _, expr in found
+                     if f"{name}_bucket" in expr and expr.startswith("histogram_quantile(")}
+        assert {"histogram_quantile(0.5", "histogram_quantile(0.99"} <= quantiles, (name, quantiles)
 
 
 def test_metric_names_strips_histogram_series():
