@@ -225,8 +225,8 @@ class Flusher:
             self._timer = loop.call_later(FLUSH_S, self._tick, loop)
 
     def _tick(self, loop) -> None:
+        self._timer = loop.call_later(FLUSH_S, self._tick, loop)   # first: a failed flush must not end the timer
         flush_local()
-        self._timer = loop.call_later(FLUSH_S, self._tick, loop)
 
     def stop(self) -> None:
         if self._timer is not None:
