@@ -358,7 +358,7 @@ function showTrace(t) {
   const shown = frames.slice(-TRACE_ROWS_SHOWN);
   $("trace-frames-table").querySelector("tbody").replaceChildren(...shown.map((f) => {
     const op = OPCODES[f.opcode] ?? f.opcode;
-    const tr = row(cell(f.t_ms), cell(f.dir === "up" ? "up (client to backend)" : f.dir === "down"
+    const tr = row(cell(typeof f.t_ms === "number" ? f.t_ms.toFixed(1) : f.t_ms), cell(f.dir === "up" ? "up (client to backend)" : f.dir === "down"
       ? "down (backend to client)" : f.dir), cell(op), cell(f.fin), cell(f.size), cell(f.head, "mono head"));
     tr.dataset.dir = String(f.dir);
     return tr;
@@ -435,7 +435,7 @@ function startPolling() {
 }
 
 function main() {
-  sessionsChart = new Chart($("sessions-chart"), $("sessions-legend"), { windowS: CHART_WINDOW_S });
+  sessionsChart = new Chart($("sessions-chart"), $("sessions-legend"), { windowS: CHART_WINDOW_S, floor: 4 });
   ratesChart = new Chart($("rates-chart"), $("rates-legend"), { windowS: CHART_WINDOW_S, unit: "/s" });
   $("login-form").addEventListener("submit", signIn);
   $("signout-button").addEventListener("click", () => signOut("Token forgotten."));

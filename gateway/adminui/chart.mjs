@@ -21,16 +21,18 @@ export function niceMax(v, ticks = 4) {
 function fmt(v) {
   if (!Number.isFinite(v)) return "-";
   if (Math.abs(v) >= 100 || Number.isInteger(v)) return String(Math.round(v));
-  return v.toFixed(1);
+  return String(Number(v.toFixed(Math.abs(v) < 1 ? 2 : 1)));
 }
 
 export class Chart {
-  // windowS: how many seconds of the series the x axis spans; unit: after each value.
-  constructor(canvas, legend, { windowS = 120, unit = "" } = {}) {
+  // windowS: how many seconds of the series the x axis spans; unit: after each value;
+  // floor: the least top of the y axis (4 for counts of sessions: no quarter steps).
+  constructor(canvas, legend, { windowS = 120, unit = "", floor = 0 } = {}) {
     this.canvas = canvas;
     this.legend = legend;
     this.windowS = windowS;
     this.unit = unit;
+    this.floor = floor;
     this.keyOrder = []; // a key keeps its color for the chart's life
   }
 
@@ -61,7 +63,7 @@ export class Chart {
     const bottom = 18;
     const pw = w - left - right;
     const ph = h - top - bottom;
-    const ymax = niceMax(series.max());
+    const ymax = niceMax(Math.max(series.max(), this.floor));
 
     g.font = "11px system-ui, sans-serif";
     g.fillStyle = "#667";
