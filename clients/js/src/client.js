@@ -123,7 +123,7 @@ export class GatewayClient {
     this._framing = o.framing.create({ sendRaw: (data) => this._socket.ws.send(data) });
     this._token = o.token;
     this._resume = null;        // the token the next attempt presents
-    this._socket = null;        // {ws, opened, resuming, status}
+    this._socket = null;        // {ws, opened, resumeToken, status}
     this._failures = 0;         // attempts in a row that closed before opening
     this._timer = null;         // the next attempt, or the running one's connect timeout
     this._stable = null;        // resets the backoff once a connection has stayed open
@@ -132,8 +132,9 @@ export class GatewayClient {
     this._started = false;
     this.closeReason = null;    // why the client closed, once it has
     if (o.autoConnect) {
-      // After the caller's next lines, so listeners added right after `new` see everything.
-      queueMicrotask(() => this.connect());
+      // After the caller's next lines, so listeners added right after `new` see everything
+      // (and a close() right after `new` stands: no connection then).
+      queueMicrotask(() => this._state === 'connecting' && this.connect());
     }
   }
 
@@ -147,13 +148,20 @@ export class GatewayClient {
     return this._queue.length;
   }
 
-  /** Start connecting (only needed with autoConnect: false). */
+  /** Start connecting: needed with autoConnect false, or to start again once closed. */
   connect() {
-    if (this._started || this._state === 'closed') {
-      return;
+    if (this._state === 'closed') {
+      this._move('connecting');
+      this._started = false;
+      this._failures = 0;
+      this._resume = null;
+      this._backoff.reset();
+      this.closeReason = null;
     }
-    this._started = true;
-    this._attempt();
+    if (!this._started) {
+      this._started = true;
+      this._attempt();
+    }
   }
 
   on(name, listener) {
@@ -295,7 +303,7 @@ export class GatewayClient {
       return;
     }
     ws.binaryType = 'arraybuffer';
-    const s = { ws, opened: false, resuming: this._resume !== null, status: null };
+    const s = { ws, opened: false, resumeToken: this._resume, status: null };
     this._socket = s;
     this._timer = this._timers.setTimeout(() => {
       this._timer = null;
@@ -310,7 +318,7 @@ export class GatewayClient {
   _opened(s) {
     this._clearTimers();
     s.opened = true;
-    const resumed = s.resuming;
+    const resumed = s.resumeToken !== null;
     this._resume = null;
     this._failures = 0;
     if (resumed) {
@@ -378,7 +386,8 @@ export class GatewayClient {
     }
     const close = { code: event.code, reason: event.reason ?? '' };
     const decision = decide({
-      ...close, opened: s.opened, status: s.status, resuming: s.resuming, failures: this._failures,
+      ...close, opened: s.opened, status: s.status, resumeToken: s.resumeToken,
+      failures: this._failures,
       refusalAfter: this._o.refusalAfter, resumeAttempts: this._o.resumeAttempts,
     });
     switch (decision.action) {
@@ -395,6 +404,7 @@ export class GatewayClient {
         this._retry('resume');
         break;
       case 'retry':
+        this._resume = decision.token;
         this._emit('close', { ...close, willRetry: true });
         this._retry(decision.kind);
         break;
@@ -449,7 +459,7 @@ export class GatewayClient {
   }
 
   _retry(kind) {
-    if (this._state !== 'reconnecting') {
+    if (this._state === 'open') {
       this._move('reconnecting');
     }
     this._timer = this._timers.setTimeout(() => {

@@ -1,6 +1,9 @@
 // Types of @gateway/client (src/index.js).
 
-/** The connection's state: `connecting` is the first attempt only, `closed` is final. */
+/**
+ * The connection's state: `connecting` until a connection has been open, `reconnecting`
+ * after one was lost, `closed` when none is planned (connect() starts again).
+ */
 export type State = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 /** What a message is: text arrives as a string, binary as an ArrayBuffer. */
@@ -119,6 +122,7 @@ export declare class GatewayClient implements AsyncIterable<Message> {
   readonly queued: number;
   /** Why the client closed, once it has; else null. */
   readonly closeReason: string | null;
+  /** Starts connecting: needed with autoConnect false, or to start again once closed. */
   connect(): void;
   /** Returns a function that removes the listener. */
   on<K extends EventName>(name: K, listener: Listener<K>): () => void;
@@ -154,7 +158,8 @@ export interface CloseFacts {
   reason: string;
   opened: boolean;
   status?: number | null;
-  resuming?: boolean;
+  /** The resume token the attempt presented, else null. */
+  resumeToken?: string | null;
   byUser?: boolean;
   failures?: number;
   refusalAfter?: number;
@@ -163,11 +168,13 @@ export interface CloseFacts {
 export type Decision =
   | { action: 'stop'; why: string }
   | { action: 'resume'; token: string }
-  | { action: 'retry'; kind: 'retry' | 'later' }
+  | { action: 'retry'; kind: 'retry' | 'later'; token: string | null }
   | { action: 'refresh'; why: string }
   | { action: 'fresh'; why: string };
 export declare function decide(close: CloseFacts): Decision;
 export declare function resumeToken(reason: string): string | null;
+/** The reason of the gateway's 1013 after a resume that could not finish: the token is kept. */
+export declare const RESUME_RETRY_REASON: string;
 export declare function handshakeStatus(message: string | undefined): number | null;
 
 export declare function byteSize(data: Outgoing): number;

@@ -6,7 +6,7 @@
 export { GatewayClient, EVENTS } from './client.js';
 export { ClosedError, GatewayError, QueueFullError, RequestTimeoutError } from './errors.js';
 export { Backoff, BACKOFF_DEFAULTS, backoffDelay } from './backoff.js';
-export { decide, handshakeStatus, resumeToken } from './policy.js';
+export { decide, handshakeStatus, RESUME_RETRY_REASON, resumeToken } from './policy.js';
 export { OutboundQueue, byteSize } from './queue.js';
 export { PendingRequests } from './pending.js';
 export { plainFraming } from './framing.js';

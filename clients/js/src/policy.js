@@ -27,27 +27,28 @@ export function handshakeStatus(message) {
 /**
  * Decide what follows a close.
  *
- * close: {code, reason, opened, status, resuming, byUser, failures, refusalAfter, resumeAttempts}
- *   opened     the socket reached open before it closed
- *   status     the HTTP status of a refused handshake, when known, else null
- *   resuming   the attempt carried a resume token
- *   failures   attempts in a row, this one included, that closed before opening
+ * close: {code, reason, opened, status, resumeToken, byUser, failures, refusalAfter, resumeAttempts}
+ *   opened       the socket reached open before it closed
+ *   status       the HTTP status of a refused handshake, when known, else null
+ *   resumeToken  the resume token the attempt presented, else null
+ *   failures     attempts in a row, this one included, that closed before opening
  *
  * Returns one of
  *   {action: 'stop', why}             closed for good
  *   {action: 'resume', token}         come back at once with the token (drain)
- *   {action: 'retry', kind}           back off ('retry') or back off longer ('later')
+ *   {action: 'retry', kind, token}    back off ('retry') or back off longer ('later'),
+ *                                     presenting `token` (a resume still to finish) or null
  *   {action: 'refresh', why}          only with a new token from getToken, else stop
  *   {action: 'fresh', why}            the resume was refused: a new session
  */
 export function decide(close) {
-  const { code, reason, opened, status = null, resuming = false, byUser = false,
+  const { code, reason, opened, status = null, resumeToken: held = null, byUser = false,
     failures = 0, refusalAfter = 5, resumeAttempts = 3 } = close;
   if (byUser) {
     return { action: 'stop', why: 'closed by the application' };
   }
   if (!opened) {
-    return beforeOpen(status, resuming, failures, refusalAfter, resumeAttempts);
+    return beforeOpen(status, held, failures, refusalAfter, resumeAttempts);
   }
   const token = resumeToken(reason);
   if (token !== null) {
@@ -59,34 +60,42 @@ export function decide(close) {
     case 1008:
       return { action: 'refresh', why: `policy violation (1008${reason ? `: ${reason}` : ''})` };
     case 1013:
-      return { action: 'retry', kind: 'later' };
+      // gateway/resume.py: a resume that went live but could not finish gave its lease
+      // back with this reason; the token still resumes the session.
+      return { action: 'retry', kind: 'later', token: reason === RESUME_RETRY_REASON ? held : null };
     default:
       // 1001 going away, 1006 lost, 1011 upstream failed, 1012 without a token, ...
-      return { action: 'retry', kind: 'retry' };
+      return { action: 'retry', kind: 'retry', token: null };
   }
 }
 
-function beforeOpen(status, resuming, failures, refusalAfter, resumeAttempts) {
-  if (resuming) {
+/** The reason of the gateway's 1013 after a resume that could not finish (gateway/resume.py). */
+export const RESUME_RETRY_REASON = 'resume failed; retry';
+
+function beforeOpen(status, held, failures, refusalAfter, resumeAttempts) {
+  if (held !== null) {
     if (status === 401 || status === 403 || status === 410) {
       return { action: 'fresh', why: `resume refused (HTTP ${status})` };
     }
     if (status === null && failures >= resumeAttempts) {
       return { action: 'fresh', why: `resume failed ${failures} times without opening` };
     }
-    return { action: 'retry', kind: 'retry' };
+    if (status === null || status >= 500) {   // 503: a lease elsewhere, a replay being written
+      return { action: 'retry', kind: 'retry', token: held };
+    }
   }
   if (status === 401 || status === 403) {
     return { action: 'refresh', why: `handshake refused (HTTP ${status})` };
   }
-  if (status === 400 || status === 404) {
-    return { action: 'stop', why: `handshake refused (HTTP ${status})` };
-  }
   if (status === 429 || status === 503) {
-    return { action: 'retry', kind: 'later' };
+    return { action: 'retry', kind: 'later', token: null };
+  }
+  if (status !== null && status < 500) {
+    // 400, 404 (no route), a backend's own 4xx: the same request will not fare better.
+    return { action: 'stop', why: `handshake refused (HTTP ${status})` };
   }
   if (status === null && failures >= refusalAfter) {
     return { action: 'refresh', why: `${failures} handshakes in a row failed (a refusal, as far as can be told)` };
   }
-  return { action: 'retry', kind: 'retry' };
+  return { action: 'retry', kind: 'retry', token: null };
 }

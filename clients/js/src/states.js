@@ -4,16 +4,18 @@
 //
 //   connecting ──open──▶ open ──lost──▶ reconnecting ──open──▶ open ...
 //        │                 │                  │
-//        └──────────────── └──────────────────┴──▶ closed (close(), 1000, refused)
+//        └─────────────────┴──────────────────┴──▶ closed (close(), 1000, a refusal)
 //
-// `connecting` is the first attempt only; every later attempt, and the wait
-// before it, is `reconnecting`. `closed` is final: make a new client.
+// connecting    no connection has been open yet (the first attempts and the waits between them)
+// open          a WebSocket is open; sends go out at once
+// reconnecting  a connection that was open ended; the next attempts and the waits between them
+// closed        none open, none planned; connect() starts again from connecting
 
 export const TRANSITIONS = Object.freeze({
-  connecting: Object.freeze(['open', 'reconnecting', 'closed']),
+  connecting: Object.freeze(['open', 'closed']),
   open: Object.freeze(['reconnecting', 'closed']),
   reconnecting: Object.freeze(['open', 'closed']),
-  closed: Object.freeze([]),
+  closed: Object.freeze(['connecting']),
 });
 
 export const STATES = Object.freeze(Object.keys(TRANSITIONS));

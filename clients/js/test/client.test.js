@@ -345,3 +345,40 @@ test('a getToken that fails is an attempt that failed, retried with backoff', as
   assert.equal(server.connections.at(-1).url.searchParams.get('access_token'), 'good');
   await c.close();
 });
+
+test('until a first open the client stays connecting; once closed, connect() starts again', async () => {
+  const dead = await deadUrl();
+  let target = dead;
+  const { c, timers } = client(() => target, { refusalAfter: 2 });
+  const states = [];
+  c.on('state', ({ from, to }) => states.push(`${from}>${to}`));
+  await next(c, 'close');
+  assert.equal(c.state, 'connecting');
+  await fireRetry(timers, 250);
+  await until(() => c.state === 'closed', 'closed after two failures');
+  target = server.url;
+  c.connect();
+  await next(c, 'open');
+  assert.deepEqual(states, ['connecting>closed', 'closed>connecting', 'connecting>open']);
+  await c.close();
+});
+
+test("the gateway's 1013 'resume failed; retry' after a resume: the token is presented again", async () => {
+  const s = await serverWith((conn) => {
+    const n = s.connections.length;
+    if (n === 1) {
+      conn.socket.close(1012, 'resume=tok');
+    } else if (n === 2) {
+      conn.socket.close(1013, 'resume failed; retry');
+    }
+  });
+  const { c, timers } = client(s.url);
+  await next(c, 'open');
+  await next(c, 'close');
+  await fireRetry(timers, 125);
+  assert.deepEqual(await next(c, 'close'), { code: 1013, reason: 'resume failed; retry', willRetry: true });
+  await fireRetry(timers, 5000 + 250);
+  assert.deepEqual(await next(c, 'open'), { resumed: true });
+  assert.deepEqual(s.connections.map((x) => x.url.searchParams.get('resume')), [null, 'tok', 'tok']);
+  await c.close();
+});
