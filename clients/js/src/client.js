@@ -211,7 +211,10 @@ export class GatewayClient {
     return promise;
   }
 
-  /** Close for good; resolves when the socket has closed. */
+  /**
+   * Close (connect() would start again); resolves when the socket has closed,
+   * or after connectTimeoutMs when it does not say so.
+   */
   close(code = 1000, reason = '') {
     if (this._state === 'closed') {
       return Promise.resolve();
@@ -223,7 +226,11 @@ export class GatewayClient {
     let done = Promise.resolve();
     if (s !== null) {
       done = new Promise((resolve) => {
-        s.ws.onclose = () => resolve();
+        const bound = this._timers.setTimeout(resolve, this._o.connectTimeoutMs);
+        s.ws.onclose = () => {
+          this._timers.clearTimeout(bound);
+          resolve();
+        };
         s.ws.onerror = null;
         s.ws.onmessage = null;
       });

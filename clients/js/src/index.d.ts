@@ -131,7 +131,7 @@ export declare class GatewayClient implements AsyncIterable<Message> {
   send(data: Outgoing): void;
   /** Sends `message` as JSON with a correlation id; resolves with the reply carrying the same id. */
   request<Reply = any>(message: Record<string, unknown>, options?: { timeoutMs?: number }): Promise<Reply>;
-  /** Closes for good; resolves when the socket has closed. */
+  /** Closes (connect() would start again); resolves when the socket has closed, or after connectTimeoutMs. */
   close(code?: number, reason?: string): Promise<void>;
   /** The messages that arrive from now on; ends when the client closes. */
   messages(options?: { maxBuffered?: number }): AsyncIterableIterator<Message>;
