@@ -24,7 +24,9 @@ from .config import ChannelRule
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
 from .parked import Parked
+from .session import State
 from .store.detached import DETACHED_NODE
+from .trace import Traces
 
 log = logging.getLogger("gateway.cluster")
 
@@ -45,6 +47,11 @@ def _pack(header: dict, payload: bytes = b"") -> bytes:
 def _unpack(data: bytes) -> tuple[dict, bytes]:
     head, _, payload = data.partition(b"\n")
     return orjson.loads(head), payload
+
+
+def _reply_body(reply: dict) -> dict:
+    """A bus reply without the bus's own fields: the answering node's answer as it gave it."""
+    return {k: v for k, v in reply.items() if k not in ("op", "rid", "node")}
 
 
 class Delivery:
@@ -68,6 +75,7 @@ class Delivery:
         self._outbox_wake = asyncio.Event()
         self.outbox_dropped = 0
         self.parked = Parked(self.store, cluster.node)   # drained sessions' replay buffers
+        self.traces = Traces()                           # debug traces of this node's sessions
 
     # ------------------------------------------------------------ the bus
     async def _ask(self, nodes, header: dict, payload: bytes = b"") -> tuple[dict[str, dict], list[str]]:
@@ -149,6 +157,11 @@ class Delivery:
             return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"))}
         if op == "ep_drain":
             return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
+        if op == "trace":   # before the session lookup: a finished trace outlives its session
+            answer = self.trace_here(h["what"], h["id"], h.get("max_frames"), h.get("max_s"))
+            if answer is None:
+                raise ApiError(404, "unknown connection", connection=h["id"])
+            return answer
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
@@ -231,6 +244,9 @@ class Delivery:
             if sid is not None:
                 rec = await self.store.get_session(sid)
         return rec
+
+    async def _other_nodes(self) -> set[str]:
+        return {rec["id"] for rec, _age in await self.store.nodes() if rec is not None} - {self.node_id}
 
     async def _remote(self, any_id: str, header: dict, payload: bytes = b"") -> dict:
         rec = await self._where(any_id)
@@ -409,6 +425,55 @@ class Delivery:
                               "data": e.payload.decode("utf-8") if e.opcode == frames.OP_TEXT
                               else e.payload.hex()} for e in page.entries]}
 
+    # ------------------------------------------------------------ debug traces
+    def trace_here(self, what: str, any_id: str, max_frames: int | None = None,
+                   max_s: float | None = None) -> dict | None:
+        """A trace call ("start", "read", "stop") for a session or trace on this
+        node; None when neither is here. See docs/debug-trace.md."""
+        s = self.local(any_id)
+        if what == "start":
+            if s is None:
+                return None
+            if s.state is not State.OPEN:
+                raise ApiError(409, f"connection is {s.state.name.lower()}: only an open session can be traced",
+                               connection=s.id)
+            t = self.traces.begin(s.id, s.session_id, max_frames, max_s)
+            s.trace_on(t)
+            return t.started_json()
+        t = self.traces.find(any_id)
+        if t is None:
+            if s is None:
+                return None
+            raise ApiError(404, "no trace of this connection (POST to /trace starts one)", connection=s.id)
+        if what == "stop" and t.ended is None:
+            s = self.local(t.conn)
+            if s is not None and s.trace is t:
+                s.trace_off("stopped")
+            else:
+                t.end("stopped")
+                t.flush()
+        return t.as_json()
+
+    async def trace(self, what: str, any_id: str, max_frames: int | None = None, max_s: float | None = None) -> dict:
+        """A trace call for the whole cluster: here, or on the node that holds the
+        session (over the bus, 504 if it does not answer); a trace that outlived its
+        session on another node is asked of every node."""
+        answer = self.trace_here(what, any_id, max_frames, max_s)
+        if answer is not None:
+            return answer
+        header = {"op": "trace", "what": what, "max_frames": max_frames, "max_s": max_s}
+        if await self._where(any_id) is not None:
+            return _reply_body(await self._remote(any_id, header))
+        if what != "start":
+            answers, missing = await self._ask(await self._other_nodes(), {**header, "id": any_id})
+            for a in answers.values():
+                if "status" not in a:
+                    return _reply_body(a)
+            if missing:
+                raise ApiError(404, "no trace found on the nodes that answered", connection=any_id,
+                               unconfirmed_nodes=missing)
+        raise ApiError(404, "unknown connection", connection=any_id)
+
     async def drain_endpoint(self, backend: str, url: str, draining: bool, ttl_s: float) -> dict:
         """An endpoint starts (or stops) draining, cluster-wide: into the store first
         (so a node that misses the bus learns it at its next heartbeat), then this
@@ -418,9 +483,8 @@ class Delivery:
         else:
             await self.store.clear_endpoint_draining(backend, url)
         n = reattach.endpoint_draining(self.node, backend, url, draining)
-        others = {rec["id"] for rec, _age in await self.store.nodes() if rec is not None} - {self.node_id}
-        answers, missing = await self._ask(others, {"op": "ep_drain", "backend": backend, "endpoint": url,
-                                                    "draining": draining})
+        answers, missing = await self._ask(await self._other_nodes(), {
+            "op": "ep_drain", "backend": backend, "endpoint": url, "draining": draining})
         out = {"backend": backend, "endpoint": url, "draining": draining,
                "moving": n + sum(a.get("n", 0) for a in answers.values())}
         if missing:

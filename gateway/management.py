@@ -11,8 +11,9 @@ Registered on the admin aiohttp app by `add_routes(app, node)`; the token
 check is admin.py's middleware. Answers are JSON; errors are
 `{"error": "..."}` with 400 (bad input), 404 (unknown id), 410 (connection
 gone: the node remembers recently closed ids for a while), 413 (message over
-limits.max_message_bytes). Request bodies are read with that cap, never whole
-before checking.
+limits.max_message_bytes); the debug trace adds 409 (one runs already) and
+429 (too many traced on that node). Request bodies are read with that cap,
+never whole before checking.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 
 from aiohttp import web
 
-from . import frames
+from . import frames, trace
 from .channels import check_name
 from .errors import ApiError, ChannelError, StoreUnavailable
 from .httpbackend import reply_opcode
@@ -281,6 +282,23 @@ def add_routes(app: web.Application, node, cluster) -> None:
               ttl_s=ttl_s if draining else None, moving=answer["moving"])
         return web.json_response(answer, status=202 if draining else 200)
 
+    async def trace_start(request):
+        """POST: trace the session's frames, body {"max_frames": N, "max_s": S} (docs/debug-trace.md)."""
+        conn_id = session_id(request)
+        max_frames, max_s = trace.limits(await read_json(request))
+        if delivery.local(conn_id) is None:
+            gone = node.closed.get(conn_id)
+            if gone is not None:
+                raise ApiError(410, "connection closed", connection=conn_id, code=gone[0])
+        answer = await delivery.trace("start", conn_id, max_frames, max_s)
+        event(log, "trace_started", conn=answer["connection"], max_frames=max_frames, max_s=max_s)
+        return web.json_response(answer)
+
+    async def trace_read(request):
+        """GET reads the session's trace, DELETE stops it (and reads it)."""
+        what = "read" if request.method == "GET" else "stop"
+        return web.json_response(await delivery.trace(what, session_id(request)))
+
     @web.middleware
     async def json_errors(request: web.Request, handler):
         if not request.path.startswith("/v1/"):
@@ -302,6 +320,9 @@ def add_routes(app: web.Application, node, cluster) -> None:
     r.add_post("/v1/connections/{id}/messages", push_connection)
     r.add_delete("/v1/connections/{id}", close_connection)
     r.add_get("/v1/connections/{id}", get_connection)
+    r.add_post("/v1/connections/{id}/trace", trace_start)
+    r.add_get("/v1/connections/{id}/trace", trace_read)
+    r.add_delete("/v1/connections/{id}/trace", trace_read)
     r.add_post("/v1/users/{sub}/messages", push_user)
     r.add_post("/v1/channels/{name}/messages", push_channel)
     r.add_put("/v1/connections/{id}/channels/{name}", subscribe)

@@ -19,7 +19,9 @@ close frames, messages from sinks and the management API) goes out only at
 a frame boundary, so neither peer ever sees a torn frame; the upstream can be
 let go and another attached at a boundary the same way (`detach_upstream`,
 `attach_upstream`). How a session closes is in gateway/closing.py; where its
-state may move is in gateway/session.py.
+state may move is in gateway/session.py. A debug trace (gateway/trace.py)
+swaps in `TracedSession` for as long as it runs, so a session that is not
+traced runs exactly the code here.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .replay import Draining
 from .seam import Seam, Side, fileno
 from .session import Close, CloseEvent, Event, Link, SideState, State, advance
 
-__all__ = ["Session", "Side", "new_id", "log"]
+__all__ = ["Session", "Side", "TracedSession", "new_id", "log"]
 
 _oswrite = os.write
 _monotonic = time.monotonic
@@ -89,6 +91,8 @@ class Session(Closing, Seam, Moving, Draining):
         "channels", "sink_state",
         # while draining: what was meant for the client, on its way to the replay buffer (replay.py)
         "capture",
+        # a debug trace running (trace.Trace; the class is TracedSession meanwhile)
+        "trace",
     )
 
     def __init__(self, node, transport):
@@ -138,6 +142,7 @@ class Session(Closing, Seam, Moving, Draining):
         self.channels = None
         self.sink_state = None
         self.capture = None
+        self.trace = None
 
     # ------------------------------------------------------------ going live
     def go_live(self, response: bytes, upstream) -> None:
@@ -737,3 +742,112 @@ class Session(Closing, Seam, Moving, Draining):
             if upstream:
                 self._send_upstream(b"\x89\x80\x00\x00\x00\x00")
         self.timer = node.loop.call_later(lim.tick_s, self._tick)
+
+    # ------------------------------------------------------------ debug trace
+    def trace_on(self, trace) -> None:
+        """Start copying this session's frames to `trace` (a trace.Trace), until
+        its bounds or the session's end.
+
+        Nothing on the per-message path asks whether a trace runs: the
+        session's class becomes TracedSession, whose relay methods feed the
+        trace and then run these, and each socket's Side is bound to them
+        again (uvloop caches data_received at set_protocol). Every later
+        `self.from_upstream` (an upstream attached or moved to) finds the
+        traced one by itself. `trace_off` swaps the plain ones back.
+        """
+        self.trace = trace
+        self.__class__ = TracedSession
+        self._rebind_sides()
+        trace.timer = self.node.loop.call_later(trace.max_s, self.trace_off, "max_s")
+
+    def trace_off(self, why: str) -> None:
+        trace = self.trace
+        if trace is None:
+            return
+        self.trace = None
+        trace.end(why)
+        trace.flush()
+        if trace.timer is not None:
+            trace.timer.cancel()
+            trace.timer = None
+        self.__class__ = Session
+        self._rebind_sides()
+
+    def _rebind_sides(self) -> None:
+        """Each socket whose Side reads into this session's relay: bound to the current class's method."""
+        for transport in (self.transport, self.up, self.leaving):
+            get = getattr(transport, "get_protocol", None)   # not on the hold, nor on a gone upstream
+            side = get() if get is not None else None
+            if type(side) is Side and getattr(side.data_received, "__self__", None) is self:
+                name = getattr(side.data_received, "__name__", "")
+                if name in _RELAY_METHODS:
+                    side.data_received = getattr(self, name)
+                    transport.set_protocol(side)
+
+
+_RELAY_METHODS = frozenset({"from_client_relay", "from_client_messages", "from_upstream"})
+
+
+class TracedSession(Session):
+    """A session with a debug trace running (Session.trace_on): the same relay,
+    with every read and every frame the gateway sends itself copied to the
+    trace first. Only traced sessions pay for it; the trace's own parser
+    (trace.Tap) reads the bytes, the relay's code is unchanged."""
+
+    __slots__ = ()
+
+    def _traced(self) -> None:
+        trace = self.trace
+        if trace is not None and trace.ended is not None:
+            self.trace_off(trace.ended)
+
+    def from_client_relay(self, data: bytes) -> None:
+        self.trace.up.feed(data)
+        self._traced()
+        Session.from_client_relay(self, data)
+
+    def from_client_messages(self, data: bytes) -> None:
+        self.trace.up.feed(data)
+        self._traced()
+        Session.from_client_messages(self, data)
+
+    def from_upstream(self, data: bytes) -> None:
+        tap = self.trace.down
+        if not self.u_remaining and not self.u_buf:
+            # The relay is at a frame boundary: so is the tap (a switch to another
+            # upstream drops an unfinished frame of the old one).
+            tap.reset()
+        tap.feed(data)
+        self._traced()
+        Session.from_upstream(self, data)
+
+    def _send_client(self, data: bytes) -> None:
+        if not self.client.sent:
+            self.trace.own_down.feed(data)
+            self._traced()
+        Session._send_client(self, data)
+
+    def _send_upstream(self, data: bytes) -> None:
+        if not self.upstream.sent:
+            self.trace.own_up.feed(data)
+            self._traced()
+        Session._send_upstream(self, data)
+
+    def gateway_close(self, code: int, reason: str, *, at_once: bool = False) -> None:
+        sent, mid_frame = self.client.sent, self.u_remaining
+        Session.gateway_close(self, code, reason, at_once=at_once)
+        if not sent and not mid_frame and self.client.sent and self.trace is not None:
+            # closing.py wrote the close frame to the client's transport itself
+            self.trace.own_down.feed(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
+            self._traced()
+
+    def _send_upstream_close(self, code: int, reason: str) -> None:
+        sent, mid_frame = self.upstream.sent, self.c_remaining
+        Session._send_upstream_close(self, code, reason)
+        if not sent and not mid_frame and self.trace is not None:
+            self.trace.own_up.feed(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
+            self._traced()
+
+    def _finish(self) -> None:
+        Session._finish(self)
+        self.trace_off("closed")
