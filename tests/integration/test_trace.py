@@ -4,6 +4,7 @@ backend, a session on another node (docs/debug-trace.md)."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -14,6 +15,7 @@ from gateway.relay import Session, TracedSession
 from ..conftest import proxy_config
 from ..helpers import until
 from ..httppeer import http_peer  # noqa: F401  (fixture)
+from .test_lifecycle import Proc
 
 TOKEN = "trace-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -265,3 +267,39 @@ async def test_a_trace_follows_the_session_to_another_upstream(gateway, backend,
 
 async def _moved(s, first: str) -> bool:
     return s.endpoint is not None and s.endpoint.url != first and s.move is None
+
+
+async def test_a_node_that_does_not_answer_is_named_with_504(gateway, redis_server, http, http_peer,  # noqa: F811
+                                                              tmp_path):
+    events = await http_peer()
+    cfg = {"redis": {"url": redis_server.url, "heartbeat_s": 0.2, "node_ttl_s": 30, "request_timeout_s": 0.5,
+                     "timeout_s": 0.5},
+           "backends": {"app": {"type": "http", "endpoints": [events.url]}},
+           "routes": [{"name": "app", "match": {"path": "/app"}, "auth": "none", "backend": "app",
+                       "events": {"connect": "app"}}]}
+    g1 = await gateway(dict(cfg, node_id="t1"))
+    other = Proc(tmp_path, dict(cfg, node_id="t-stopped"), name="t-stopped")
+    try:
+        await other.ready(http)
+        ws = await http.ws_connect(other.url + "/app")
+
+        async def connected():
+            got = events.of("connect")
+            return got[0].headers["Gateway-Connection-Id"] if got else None
+        cid = await until(connected, what="the connect event")
+
+        async def traced():
+            status, body = await api(http, g1, "POST", f"/v1/connections/{cid}/trace")
+            return body if status == 200 else None
+        assert (await until(traced, what="a trace started through t1"))["connection"] == cid
+        other.p.send_signal(signal.SIGSTOP)
+        try:
+            status, body = await api(http, g1, "GET", f"/v1/connections/{cid}/trace")
+            assert status == 504 and body["node"] == "t-stopped", body
+        finally:
+            other.p.send_signal(signal.SIGCONT)
+        status, body = await api(http, g1, "GET", f"/v1/connections/{cid}/trace")
+        assert status == 200 and body["active"] is True
+        await ws.close()
+    finally:
+        other.stop()
