@@ -16,6 +16,7 @@ const TRACE_ROWS_SHOWN = 1000;
 let token = null;            // the admin token, in memory only
 let generation = 0;          // bumped when the token goes: older polling loops stop
 let traced = null;           // connection id whose trace is shown
+let here = null;             // id of the node that answers this page
 
 const $ = (id) => document.getElementById(id);
 
@@ -163,7 +164,14 @@ function showNodes(body) {
   const tbody = document.querySelector("#nodes tbody");
   const nodes = Array.isArray(body?.nodes) ? body.nodes : [];
   tbody.replaceChildren(...(nodes.length ? nodes.map((n) => {
-    const tr = row(cell(n.id), cell(n.state, `state-${n.state}`), cell(n.connections), cell(n.sessions_left),
+    const id = cell(n.id);
+    if (n.id === here) {
+      const tag = document.createElement("span");
+      tag.className = "here";
+      tag.textContent = "this node";
+      id.append(" ", tag);
+    }
+    const tr = row(id, cell(n.state, `state-${n.state}`), cell(n.connections), cell(n.sessions_left),
       cell(n.channels), cell(n.heartbeat_age_s === null ? n.store ?? "-" : duration(n.heartbeat_age_s)),
       cell(n.pid), cell(typeof n.started_at === "number" ? duration(Date.now() / 1000 - n.started_at) : "-"));
     tr.dataset.node = String(n.id);
@@ -236,10 +244,10 @@ async function pollStatus() {
     api("GET", `/v1/connections?limit=${CONNECTIONS_SHOWN}`),
     readiness(),
   ]);
+  here = conns.body?.node ?? null;
   showNodes(nodes.body);
   showBackends(backends.body);
   showConnections(conns.body);
-  const here = conns.body?.node;
   const badge = $("node-badge");
   badge.textContent = `node ${here ?? "?"}`;
   badge.hidden = false;

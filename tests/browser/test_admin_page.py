@@ -1,7 +1,8 @@
-"""The live admin page in real headless chromium, against a real `gateway run`
-process and a real backend: the token form, the node, sessions and message
+"""The live admin page in real headless chromium, against real `gateway run`
+processes and a real backend: the token form, the node, sessions and message
 rates changing as real WebSocket clients connect and talk, endpoint health,
-reload (good and broken file) and drain, each behind its confirmation dialog."""
+reload (good and broken file) and drain, each behind its confirmation dialog;
+every node of a cluster; a token refused later; a session's trace."""
 
 from __future__ import annotations
 
@@ -200,6 +201,80 @@ async def test_a_token_refused_later_brings_the_form_back(node, page, http, monk
     assert await page.locator("#nodes tbody tr").count() == 0
     await sign_in(page, "rotated-token")
     await page.wait_for_selector("#dash", state="visible", timeout=BOUND_S * 1000)
+
+
+async def test_the_page_shows_every_node_and_another_ones_drain(tmp_path, backend, redis_server, page, http,
+                                                                monkeypatch):
+    """Two nodes sharing a Redis: node a's page lists both; node b drains (its own
+    API call, as its preStop would) and a's page shows b draining, a still ready."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
+    b = await backend()
+    procs = []
+    try:
+        for name in ("a", "b"):
+            cfg = gateway_config(b.url) | {"node_id": f"gw-{name}",
+                                           "redis": {"url": redis_server.url, "heartbeat_s": 0.5, "node_ttl_s": 2}}
+            procs.append(Proc(tmp_path, cfg, name=name))
+        for p in procs:
+            await p.ready(http)
+        a, other = procs
+        await page.goto(a.admin_url + "/ui/")
+        await sign_in(page, TOKEN)
+        for name in ("gw-a", "gw-b"):
+            await shows(page, f'#nodes tr[data-node="{name}"] td:nth-child(2)', lambda t: t == "ready", f"{name} ready")
+        async with http.post(other.admin_url + "/v1/drain", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            assert r.status == 202
+        await shows(page, '#nodes tr[data-node="gw-b"] td:nth-child(2)', lambda t: t == "draining", "gw-b draining")
+        assert await text(page, '#nodes tr[data-node="gw-a"] td:nth-child(2)') == "ready"
+        assert await text(page, "#node-badge") == "node gw-a"
+        assert [await page.locator(f'#nodes tr[data-node="{n}"] .here').count() for n in ("gw-a", "gw-b")] == [1, 0]
+        assert not await page.is_disabled("#drain-button")   # this node (a) is not draining
+        await page.screenshot(path=str(tmp_path / "admin-two-nodes.png"), full_page=True)
+        assert page.errors == [], page.errors
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def test_trace_view_shows_a_sessions_frames_as_text(node, page, http, tmp_path: pathlib.Path):
+    """Trace on a session's row, Start: its frames both ways, up to the bound, the
+    first bytes as text (markup in a message stays text); Stop ends a running one."""
+    ws = await http.ws_connect(node.url + "/ws")
+    received = [0]
+    reader = asyncio.create_task(_read(ws, received, 0))
+    try:
+        await page.goto(node.admin_url + "/ui/")
+        await sign_in(page, TOKEN)
+        button = "#connections tr[data-connection] button"
+        await page.wait_for_selector(button, timeout=BOUND_S * 1000)
+        conn = await page.get_attribute("#connections tr[data-connection]", "data-connection")
+        await page.click(button)
+        assert await page.input_value("#trace-conn") == conn
+        await page.fill("#trace-frames", "4")
+        await page.click("#trace-start")
+        await shows(page, "#trace-status", lambda t: "tracing" in t or "ended" in t, "the trace started")
+        for i in range(2):   # two messages, each echoed: four frames, the bound
+            await ws.send_str(f"<b>bold {i}</b>")
+        await shows(page, "#trace-status", lambda t: "ended (max_frames)" in t, "the trace ended at its bound")
+        rows = page.locator("#trace-frames-table tbody tr")
+        assert await rows.count() == 4
+        dirs = [await rows.nth(i).get_attribute("data-dir") for i in range(4)]
+        assert sorted(dirs) == ["down", "down", "up", "up"], dirs
+        heads = [await rows.nth(i).locator("td.head").text_content() for i in range(4)]
+        assert "<b>bold 0</b>" in heads, heads
+        assert await page.locator("#trace-frames-table b").count() == 0   # text, never markup
+        await page.screenshot(path=str(tmp_path / "admin-trace.png"), full_page=True)
+
+        # A longer one, stopped by hand.
+        await page.fill("#trace-frames", "1000")
+        await page.click("#trace-start")
+        await shows(page, "#trace-status", lambda t: "tracing" in t, "the second trace running")
+        await page.click("#trace-stop")
+        await shows(page, "#trace-status", lambda t: "ended (stopped)" in t, "the trace stopped")
+        assert page.errors == [], page.errors
+    finally:
+        await ws.close()
+        await asyncio.wait_for(reader, BOUND_S)
 
 
 async def _read(ws, received: list[int], i: int) -> None:
