@@ -7,7 +7,8 @@ token refresh, so before they are kept anywhere they pass through here, and
 a span that looks like a secret becomes `[redacted]`:
 
 - the value of a field whose name says it holds a secret (token, password,
-  secret, authorization, api_key, credential, cookie, ...), in JSON (also
+  secret, authorization, api_key, credential, cookie, ...; or is exactly
+  auth, pass, pin, otp, jwt or key), in JSON (also
   JSON escaped inside a JSON string), in a Python/JS literal, a query string
   or a header line: `{"password": [redacted]}`, `access_token=[redacted]`;
 - a JWT: `eyJ` and base64url, with or without its dots (a part of one, cut by
@@ -35,8 +36,9 @@ MARK = "[redacted]"
 
 # A field name that says its value is a secret: the whole name (access_token,
 # X-Api-Key, client_secret, passwd), matched without regard to case.
-_NAME = (r"[A-Za-z0-9_.-]*(?:token|passw(?:or)?d|pwd|secret|authori[sz]ation|api[_-]?key|apikey|credential"
-         r"|private[_-]?key|cookie|signature|session[_-]?key)[A-Za-z0-9_.-]*")
+_NAME = (r"(?:[A-Za-z0-9_.-]*(?:token|passw(?:or)?d|pass(?:phrase|code)|pwd|secret|authori[sz]ation|api[_-]?key"
+         r"|apikey|credential|private[_-]?key|cookie|signature|session[_-]?key)[A-Za-z0-9_.-]*"
+         r"|auth|pass|pin|otp|jwt|key)")   # ... or exactly one of these
 _FIELD = re.compile(
     r"(?:\\?[\"'])?(?<![A-Za-z0-9_.-])" + _NAME + r"(?:\\?[\"'])?\s*[:=]\s*"
     r"(\\\"(?:(?!\\\").)*(?:\\\"|$)"            # JSON inside a JSON string: \"...\"
@@ -54,7 +56,8 @@ CUT_RUN, CUT_HEX = 12, 16        # ... or this long where the head was cut
 
 
 # _FIELD is the costly one: run it only where one of these is in the text.
-_HINTS = ("token", "passw", "pwd", "secret", "authori", "api", "key", "credential", "cookie", "signature")
+_HINTS = ("token", "pass", "pwd", "secret", "auth", "api", "key", "credential", "cookie", "signature", "pin", "otp",
+          "jwt")
 _DIGIT, _UPPER, _LOWER = re.compile(r"[0-9]"), re.compile(r"[A-Z]"), re.compile(r"[a-z]")
 
 

@@ -67,6 +67,11 @@ def test_a_jwt_never_shows(text):
     ("Bearer x", " x"),
     ('{"session_key":"sk"}', "sk"),
     ("cookie: sid=abc", "sid=abc"),
+    ('{"auth": "a1", "pin": 1234, "otp":"987"}', "a1"),
+    ('{"pin": 1234}', "1234"),
+    ('{"jwt":"x.y"}', "x.y"),
+    ('{"passphrase":"correct horse"}', "horse"),
+    ("key=abc", "abc"),
 ])
 def test_secret_fields_and_schemes(text, secret):
     out = r(text)
@@ -75,7 +80,8 @@ def test_secret_fields_and_schemes(text, secret):
 
 
 def test_what_is_kept_visible():
-    for text in ("hello world, this is fine", '{"user":"bob","n":1,"room":"lobby"}',
+    for text in ("hello world, this is fine", '{"user":"bob","n":1,"room":"lobby"}', '{"author":"ann","keys":3}',
+                 "ping: 1, opinion=yes, keyboard: us",
                  "id 123e4567-e89b-12d3-a456-426614174000", "/usr/local/lib/python3.11/site-packages",
                  "conn r_o1_57pptFrZKs8", "sha 0123456789abcdef0123", "the word token alone", ""):
         assert r(text) == text
