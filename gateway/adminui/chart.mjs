@@ -102,7 +102,10 @@ export class Chart {
       }
       g.stroke();
     }
+    // What was drawn, for a reader that cannot see the canvas: points, the highest value, the axis top.
     c.dataset.points = String(series.points.length);
+    c.dataset.max = String(series.max());
+    c.dataset.top = String(ymax);
     this.drawLegend(series.latest(), keys);
   }
 

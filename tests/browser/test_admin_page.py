@@ -96,6 +96,7 @@ async def test_admin_page_live(node, page, http, tmp_path: pathlib.Path):
     await shows(page, f'#backends tr[data-endpoint="{node.backend_url}"]', lambda t: "healthy" in t,
                 "the backend endpoint, healthy")
     await shows(page, "#sessions-chart[data-points]", lambda t: True, "the sessions chart drawn")
+    assert await page.get_attribute("#sessions-chart", "data-max") == "0"
     sessions_before = await canvas_image(page, "#sessions-chart")
     rates_before = await canvas_image(page, "#rates-chart")
     await page.screenshot(path=str(tmp_path / "admin-signed-in.png"), full_page=True)
@@ -131,8 +132,12 @@ async def test_admin_page_live(node, page, http, tmp_path: pathlib.Path):
         for direction in ("in", "out"):
             await shows(page, f'#rates-legend li[data-key="r {direction}"] .value',
                         lambda t: float(t.removesuffix("/s")) > 0, f"a message rate {direction}")
-        await until(lambda: _changed(page, "#sessions-chart", sessions_before), BOUND_S, "the sessions chart moved")
-        await until(lambda: _changed(page, "#rates-chart", rates_before), BOUND_S, "the rates chart moved")
+        # The lines drawn reach the figures (the axis grows to hold them), and the pixels changed.
+        assert (await page.get_attribute("#sessions-chart", "data-max"), await page.get_attribute(
+            "#sessions-chart", "data-top")) == (str(CLIENTS), "8")
+        assert float(await page.get_attribute("#rates-chart", "data-max")) > 0
+        await until(lambda: _changed(page, "#sessions-chart", sessions_before), BOUND_S, "the sessions chart redrawn")
+        await until(lambda: _changed(page, "#rates-chart", rates_before), BOUND_S, "the rates chart redrawn")
         await page.screenshot(path=str(tmp_path / "admin-traffic.png"), full_page=True)
     finally:
         talking = False
