@@ -228,7 +228,8 @@ async function readiness() {
   try {
     const r = await fetch("/readyz", { cache: "no-store", credentials: "omit" });
     const body = await r.json().catch(() => ({}));
-    badge.textContent = `readyz ${r.status} ${body.status ?? ""}`.trim();
+    const store = body.store && body.store !== "ok" ? `, store ${body.store}` : "";
+    badge.textContent = `readyz ${r.status} ${body.status ?? ""}${store}`.trim();
     badge.className = `badge ${r.ok ? "ok" : "bad"}`;
   } catch {
     badge.textContent = "readyz unreachable";
@@ -237,23 +238,45 @@ async function readiness() {
   badge.hidden = false;
 }
 
+function panelError(table, columns, e) {
+  const tr = emptyRow(columns, failure(e));
+  tr.firstChild.classList.add("error");
+  document.querySelector(`#${table} tbody`).replaceChildren(tr);
+}
+
+// Each panel on its own: in a Redis outage the cluster-wide /v1/nodes answers
+// 503 while this node's backends and sessions still answer (and are wanted most).
 async function pollStatus() {
-  const [nodes, backends, conns] = await Promise.all([
+  const [conns, nodes, backends] = await Promise.allSettled([
+    api("GET", `/v1/connections?limit=${CONNECTIONS_SHOWN}`),
     api("GET", "/v1/nodes"),
     api("GET", "/v1/backends"),
-    api("GET", `/v1/connections?limit=${CONNECTIONS_SHOWN}`),
     readiness(),
   ]);
-  here = conns.body?.node ?? null;
-  showNodes(nodes.body);
-  showBackends(backends.body);
-  showConnections(conns.body);
+  const results = [conns, nodes, backends];
+  const denied = results.find((r) => r.status === "rejected" && r.reason instanceof Unauthorized);
+  if (denied) throw denied.reason;
+  if (conns.status === "fulfilled") {
+    here = conns.value.body?.node ?? null;
+    showConnections(conns.value.body);
+  } else {
+    panelError("connections", 9, conns.reason);
+  }
+  if (nodes.status === "fulfilled") {
+    showNodes(nodes.value.body);
+    // A draining node cannot be drained again (it exits when done).
+    const mine = (nodes.value.body?.nodes ?? []).find((n) => n.id === here);
+    $("drain-button").disabled = mine?.state === "draining";
+  } else {
+    panelError("nodes", 8, nodes.reason);
+  }
+  if (backends.status === "fulfilled") showBackends(backends.value.body);
+  else panelError("backends", 6, backends.reason);
   const badge = $("node-badge");
   badge.textContent = `node ${here ?? "?"}`;
   badge.hidden = false;
-  // A draining node cannot be drained again (it exits when done).
-  const mine = (nodes.body?.nodes ?? []).find((n) => n.id === here);
-  $("drain-button").disabled = mine?.state === "draining";
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;   // the status line says it too
   setStatus(`updated ${new Date().toLocaleTimeString()}`);
 }
 

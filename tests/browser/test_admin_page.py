@@ -211,7 +211,8 @@ async def test_a_token_refused_later_brings_the_form_back(node, page, http, monk
 async def test_the_page_shows_every_node_and_another_ones_drain(tmp_path, backend, redis_server, page, http,
                                                                 monkeypatch):
     """Two nodes sharing a Redis: node a's page lists both; node b drains (its own
-    API call, as its preStop would) and a's page shows b draining, a still ready."""
+    API call, as its preStop would) and a's page shows b draining, a still ready.
+    Then Redis stops: the node list shows the 503, the rest of a's page goes on."""
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     b = await backend()
     procs = []
@@ -235,6 +236,19 @@ async def test_the_page_shows_every_node_and_another_ones_drain(tmp_path, backen
         assert [await page.locator(f'#nodes tr[data-node="{n}"] .here').count() for n in ("gw-a", "gw-b")] == [1, 0]
         assert not await page.is_disabled("#drain-button")   # this node (a) is not draining
         await page.screenshot(path=str(tmp_path / "admin-two-nodes.png"), full_page=True)
+
+        # Redis goes away: the cluster-wide node list says so; this node's panels still update.
+        ws = await http.ws_connect(a.url + "/ws")
+        await shows(page, "#connections-total", lambda t: t == "1", "the new session listed")
+        redis_server.stop()
+        await shows(page, "#nodes td.empty.error", lambda t: t.startswith("503: session store unreachable"),
+                    "the node list's 503")
+        await ws.close()
+        await shows(page, "#connections-total", lambda t: t == "0", "this node's sessions still updated")
+        assert await page.locator(f'#backends tr[data-endpoint="{b.url}"]').count() == 1
+        assert "session store unreachable" in await text(page, "#status")
+        await shows(page, "#ready-badge", lambda t: t == "readyz 200 ready, store unavailable", "the store in readyz")
+        await page.screenshot(path=str(tmp_path / "admin-store-down.png"), full_page=True)
         assert page.errors == [], page.errors
     finally:
         for p in procs:
