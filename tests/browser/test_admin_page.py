@@ -144,9 +144,14 @@ async def test_admin_page_live(node, page, http, tmp_path: pathlib.Path):
         await traffic
     assert min(received) > 0
 
-    # Reload, cancelled: nothing happens.
+    # Reload, cancelled (the button, then Escape): nothing is sent.
     await confirm(page, "#reload-button", "#confirm-cancel")
+    await page.click("#reload-button")
+    await page.locator("dialog#confirm").wait_for(state="visible", timeout=BOUND_S * 1000)
+    await page.keyboard.press("Escape")
+    await page.locator("dialog#confirm").wait_for(state="hidden", timeout=BOUND_S * 1000)
     assert await page.is_hidden("#action-result")
+    assert not any(u.endswith("/v1/reload") for u in page.requested)
     # Reload with the good file, then with a broken one: its problems, each with file:line:col.
     await confirm(page, "#reload-button")
     await shows(page, "#action-summary", lambda t: t.startswith("Reloaded") and "1 routes" in t, "the reload's result")

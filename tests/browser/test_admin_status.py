@@ -29,6 +29,7 @@ async def gw(gateway, backend, monkeypatch):
     b = await backend()
     cfg = proxy_config(b.url, "ws://127.0.0.1:9/ws")   # the second endpoint: nothing listens there
     cfg["backends"]["echo"] = {"type": "builtin", "handler": "echo"}
+    cfg["backends"]["hook"] = {"type": "http", "endpoints": ["http://127.0.0.1:9/hook"]}
     gw = await gateway(cfg)
     gw.backend_url = b.url
     return gw
@@ -72,7 +73,7 @@ async def test_backends_show_each_endpoint_state(gw, http):
         return {b["name"]: {e["url"]: e["state"] for e in b["endpoints"]} for b in body["backends"]}
 
     assert await states() == {"b": {gw.backend_url: "healthy", "ws://127.0.0.1:9/ws": "healthy"},
-                              "echo": {}}
+                              "echo": {}, "hook": {"http://127.0.0.1:9/hook": "healthy"}}
     # Dials to the dead endpoint fail; after eject_after_failures (3) it is ejected.
     for _ in range(6):
         async with http.ws_connect(gw.url + "/ws") as ws:
