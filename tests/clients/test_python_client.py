@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import time
 
 import jwt
@@ -20,6 +21,7 @@ from ..conftest import proxy_config
 from ..helpers import free_port, until
 from ..integration.fleet import Fleet, holds, on, reattach_config
 from ..integration.numbered import contiguous
+from ..integration.test_lifecycle import Proc
 
 SECRET = "p" * 64
 BOUND_S = 15.0     # only trips on a hang; nothing here is timed
@@ -91,6 +93,19 @@ async def test_echo_text_and_binary_and_the_events_of_a_life(gateway):
     assert [m async for m in client] == []           # the iteration has ended
     with pytest.raises(ClientClosed):
         await client.send("late")
+
+
+async def test_an_event_only_reader_never_fills_the_inbox(gateway):
+    gw = await gateway(echo_config())
+    got = []
+    async with GatewayClient(gw.url + "/echo", iterate=False, max_inbox_messages=2) as client:
+        client.on("message", got.append)
+        for i in range(20):
+            await client.send(f"m{i}")
+        await until(lambda: asyncio.sleep(0, len(got) == 20), what="every echo as an event")
+        with pytest.raises(RuntimeError, match="iterate=False"):
+            await anext(aiter(client))
+    assert got == [f"m{i}" for i in range(20)]
 
 
 async def test_request_reply_matches_replies_by_id_in_any_order(gateway, backend):
@@ -409,13 +424,31 @@ async def test_a_drained_client_resumes_on_another_node_and_nothing_is_lost_or_d
         await ep.stop()
 
 
-async def test_a_rolling_restart_of_three_nodes_loses_nothing(gateway, redis_server):
+@pytest.mark.parametrize("nodes", ["in_process", "processes"])
+async def test_a_rolling_restart_of_three_nodes_loses_nothing(nodes, gateway, redis_server, http, tmp_path):
+    """Three nodes on one Redis; each in turn is replaced: the new one starts, the old
+    one drains (in-process: stop(); processes: `gateway run` and SIGTERM)."""
     fleet = Fleet()
     ep = await fleet.endpoint()
     made = itertools.count()
+    procs: list[Proc] = []
 
     async def start():
-        return await gateway(node_cfg(f"n{next(made)}", redis_server.url, ep.url))
+        cfg = node_cfg(f"n{next(made)}", redis_server.url, ep.url)
+        if nodes == "in_process":
+            return await gateway(cfg)
+        p = Proc(tmp_path, cfg, name=cfg["node_id"])
+        procs.append(p)
+        await p.ready(http)
+        return p
+
+    async def drain(node) -> None:
+        if nodes == "in_process":
+            await node.stop()
+            assert not node.node.sessions
+        else:
+            node.p.send_signal(signal.SIGTERM)
+            assert await node.wait(30) == 0
 
     live = [await start(), await start(), await start()]
     pick = itertools.count()
@@ -432,19 +465,23 @@ async def test_a_rolling_restart_of_three_nodes_loses_nothing(gateway, redis_ser
             fresh = await start()            # the replacement is up before the old node goes
             live.remove(old)
             live.append(fresh)
-            await old.stop()
-            assert not old.node.sessions
+            await drain(old)
             await flowing(clients)
         await settle(clients, fleet)
     finally:
         for c in clients:
             await c.client.close()
         await ep.stop()
+        for p in procs:
+            p.stop()
     for c in clients:
         assert c.rec.opens[0] is False and c.rec.opens[1:] and all(c.rec.opens[1:]), c.rec.opens
         assert all(code == 1012 and retry for code, _, retry in c.rec.closes[:-1]), c.rec.closes
     resumes = sum(len(c.rec.opens) - 1 for c in clients)
     assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == resumes
+    if procs:
+        drained = [e for p in procs[:3] for e in p.logs() if e["event"] == "drain_done"]
+        assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained)
 
 
 async def test_a_backend_restart_is_reattached_and_the_client_stays_open(gateway):

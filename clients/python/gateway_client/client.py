@@ -84,6 +84,7 @@ class GatewayClient:
         max_queue_bytes: int = 1 << 20,
         overflow: Overflow = "raise",
         max_inbox_messages: int = 1000,
+        iterate: bool = True,
         id_field: str = "id",
         max_pending_requests: int = 1000,
         close_actions: Mapping[int, Action | str] | None = None,
@@ -117,6 +118,8 @@ class GatewayClient:
         self._clock = clock
         self._ssl = ssl_context
         self._handlers: dict[str, list[Callable[..., object]]] = {e: [] for e in EVENTS}
+        self._handler_tasks: set[asyncio.Future[Any]] = set()
+        self._iterate = iterate
 
         self.state = State.CLOSED
         self.resume_token: str | None = None   # held between a drain's 1012 and the resume
@@ -167,9 +170,16 @@ class GatewayClient:
             try:
                 result = handler(*args)
                 if inspect.isawaitable(result):
-                    asyncio.ensure_future(result)
+                    task = asyncio.ensure_future(result)
+                    self._handler_tasks.add(task)
+                    task.add_done_callback(self._handler_done)
             except Exception:
                 log.exception("the %s handler %r raised", event, handler)
+
+    def _handler_done(self, task: asyncio.Future[Any]) -> None:
+        self._handler_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("an event handler raised", exc_info=task.exception())
 
     def _set_state(self, new: State) -> None:
         old = self.state
@@ -206,7 +216,7 @@ class GatewayClient:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close for good: the socket (with `code`), the pending requests (ClientClosed), the
-        iteration. Messages still queued are discarded (len(client.queued) says how many)."""
+        iteration. Messages still queued are discarded."""
         self._closing = True
         link, task = self._link, self._run_task
         was_open = link is not None and self.state is State.OPEN
@@ -261,6 +271,8 @@ class GatewayClient:
 
     async def __anext__(self) -> Message:
         """The next message (str for text, bytes for binary); ends when the client is closed."""
+        if not self._iterate:
+            raise RuntimeError("this client was made with iterate=False: messages come as 'message' events")
         return await self._inbox.get()
 
     @property
@@ -341,7 +353,8 @@ class GatewayClient:
                 fut.set_result(json.loads(message))
             return
         self._emit("message", message)
-        await self._inbox.put(message)
+        if self._iterate:
+            await self._inbox.put(message)
 
     # ------------------------------------------------------------ the connection task
     async def _run(self) -> None:
