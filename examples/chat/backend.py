@@ -113,20 +113,25 @@ class Admin:
         headers, data = self.headers, None
         if body is not None:
             headers, data = {**headers, "Content-Type": "application/json"}, json.dumps(body)
+        tried = []
         for i in range(len(self.urls)):
             url = self.urls[(self.current + i) % len(self.urls)]
             try:
                 async with self.http.request(method, url + path, headers=headers, data=data) as r:
-                    answer = await r.json(content_type=None)
+                    text = await r.text()
                     if r.status == 503 and i + 1 < len(self.urls):
+                        tried.append(f"{url}: 503 {text[:100]}")
                         continue
                     self.current = (self.current + i) % len(self.urls)
-                    return r.status, answer
+                    try:
+                        return r.status, json.loads(text)
+                    except ValueError:
+                        return r.status, {"error": text[:200]}
             except aiohttp.ClientOSError as exc:
                 if not _not_sent(exc):
                     raise
-                continue
-        raise AdminUnreachable(f"no gateway admin listener answers ({', '.join(self.urls)})")
+                tried.append(f"{url}: {exc}")
+        raise AdminUnreachable(f"no gateway node took the call: {'; '.join(tried)}")
 
     async def publish(self, channel: str, message: dict) -> dict:
         status, answer = await self.call("POST", f"/v1/channels/{channel}/messages", message)

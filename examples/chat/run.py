@@ -69,8 +69,8 @@ def node_config(base: dict, i: int, args: argparse.Namespace) -> dict:
     cfg = dict(base)
     cfg["listen"] = {**base["listen"], "port": args.port + i}
     cfg["admin"] = {**base["admin"], "port": args.admin_port + i}
-    cfg["backends"] = {**base["backends"],
-                       "chat": {**base["backends"]["chat"], "endpoints": [f"http://127.0.0.1:{args.backend_port}/events"]}}
+    chat = {**base["backends"]["chat"], "endpoints": [f"http://127.0.0.1:{args.backend_port}/events"]}
+    cfg["backends"] = {**base["backends"], "chat": chat}
     if args.redis:
         cfg["redis"] = {"url": args.redis, "key_prefix": "chatdemo:"}
         cfg["node_id"] = f"chat-node-{i + 1}"
