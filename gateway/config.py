@@ -66,6 +66,15 @@ class Drain:
 
 
 @dataclass(**_frozen)
+class Reliable:
+    """A route's `reliable:` (docs/reliable.md): the retained window's bounds, the ack pace."""
+    max_unacked_bytes: int = 1_048_576
+    max_unacked_messages: int = 10_000
+    ack_every: int = 64
+    ack_ms: float = 200
+
+
+@dataclass(**_frozen)
 class Sentinel:
     master: str
     addresses: tuple[tuple[str, int], ...]
@@ -179,6 +188,7 @@ class Route:
     events: tuple[tuple[str, str], ...] = ()
     forward_path: bool = False
     error_message: str = DEFAULT_ERROR_MESSAGE
+    reliable: Reliable | None = None   # None: the route does not select gateway.reliable.v1
 
 
 @dataclass(**_frozen)
@@ -691,7 +701,7 @@ def _required(doc: _Doc, path: Path, spec: dict, key: str) -> None:
 
 
 _ROUTE_KEYS = ("name", "match", "auth", "backend", "split", "select", "actions", "events",
-               "forward_path", "error_message", "history")
+               "forward_path", "error_message", "history", "reliable")
 _MATCH_KEYS = ("path", "path_prefix", "host", "headers", "query", "claims")
 
 
@@ -782,9 +792,34 @@ def _routes(r: _Reader, doc: _Doc, value: Any, backends: dict[str, Backend], aut
         out.append(Route(name=name or f"routes[{i}]", index=i, match=match, auth=route_auth, backend=backend,
                          split=tuple(split), select=select, actions=tuple(actions), events=tuple(events),
                          forward_path=r.get(m, rp, "forward_path", "bool", False),
-                         error_message=r.get(m, rp, "error_message", "str", DEFAULT_ERROR_MESSAGE)))
+                         error_message=r.get(m, rp, "error_message", "str", DEFAULT_ERROR_MESSAGE),
+                         reliable=_reliable(r, doc, rp, m, backends, backend, split, actions)))
     _check_shadowing(doc, out)
     return tuple(out)
+
+
+def _reliable(r: _Reader, doc: _Doc, rp: Path, m: dict, backends: dict[str, Backend], backend: str | None,
+              split: list[SplitEntry], actions: list[tuple[str, str]]) -> Reliable | None:
+    """`reliable:` (null or a mapping; docs/reliable.md). Needs websocket backends:
+    the gateway strips and adds the kind byte on the message path it runs for them."""
+    if "reliable" not in m:
+        return None
+    path = rp + ("reliable",)
+    v = r.mapping(m["reliable"], path, ("max_unacked_bytes", "max_unacked_messages", "ack_every", "ack_ms"))
+    if v is None:
+        return None
+    d = Reliable()
+    out = Reliable(max_unacked_bytes=r.get(v, path, "max_unacked_bytes", "int", d.max_unacked_bytes, minimum=1),
+                   max_unacked_messages=r.get(v, path, "max_unacked_messages", "int", d.max_unacked_messages,
+                                              minimum=1),
+                   ack_every=r.get(v, path, "ack_every", "int", d.ack_every, minimum=1),
+                   ack_ms=r.get(v, path, "ack_ms", "number", d.ack_ms, minimum=1))
+    names = [backend] if backend else [e.backend for e in split]
+    others = sorted({n for n in names if n in backends and backends[n].type != "websocket"})
+    if actions or others:
+        doc.error(path, "needs a websocket backend (reliable mode is not built for "
+                        f"{'select+actions' if actions else ', '.join(others)})")
+    return out
 
 
 def _match(r: _Reader, doc: _Doc, path: Path, value: Any) -> Match:

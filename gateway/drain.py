@@ -77,6 +77,8 @@ class Drainer:
             rec = cluster.record(s)
             rec["state"] = "detached"
             rec["backend"] = s.backend
+            if s.rel is not None:
+                rec["reliable"] = 1   # its replay ends with its counts (replay.Capture.end)
             issued.append((s, token, th))
             items.append(Parked(rec, th, cfg.resume_window_s, check_subject=s.route.wants_token))
         # Ops queued for these sessions land first, so none overwrites its detached record.

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import time
 
-from . import auth, frames, http1, httpbackend, reattach, resume
+from . import auth, frames, http1, httpbackend, reattach, reliable, resume
 from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
-from .relay import Session, log as session_log
+from .relay import Session, log as session_log, make_reliable
 from .routing import strip_query, upstream_target
 from .session import Event, State, advance
 
@@ -150,13 +150,20 @@ class Handshake(asyncio.Protocol):
         identity.check_origin(head)
         client_offer = auth.parse_subprotocols(h.get("sec-websocket-protocol"))
         token, offered = identity.token(head, client_offer)
+        # gateway.reliable.v1 is between the client and the gateway: never offered upstream.
+        wants_reliable = reliable.SUBPROTOCOL in offered
+        if wants_reliable:
+            offered = [p for p in offered if p != reliable.SUBPROTOCOL]
         resume_token = resume.requested(head)
+        resumed_reliable = None   # (config, up, last) of a reliable session's resume
         drop_params = identity.query_params
         if resume_token is not None:
             route, claims, rec = await resume.claim(node, resume_token, token)
             self.resume = rec
             s.session_id = rec["session"]
-            drop_params += ("resume",)
+            drop_params += ("resume", "last")
+            if rec.get("reliable"):
+                resumed_reliable = await resume.reliable_counts(node, rec, route, head, wants_reliable)
         else:
             route, claims = await self._pick_route(candidates, token)
         s.route = route
@@ -199,6 +206,11 @@ class Handshake(asyncio.Protocol):
             return
         pool = routing.pools[backend.name]
         forwarded, deflate_offer = upstream_headers(head, s, route.name, identity, token, claims)
+        rel = route.route.reliable if wants_reliable and self.resume is None else None
+        if resumed_reliable is not None:
+            rel = resumed_reliable[0]
+        if rel is not None:
+            deflate_offer = ""   # the kind byte is stripped and added on plain payloads
         if self.resume is not None:
             forwarded.append(("Gateway-Resumed", "1"))
         if offered:
@@ -232,10 +244,13 @@ class Handshake(asyncio.Protocol):
         if backend.on_upstream_close == "reattach":   # what a move to another endpoint needs (reattach.py)
             s.redial = reattach.Redial(backend.name, hash_key(backend.hash_on, head, s, claims), target_for,
                                        forwarded, resp.headers.get("sec-websocket-protocol"), extensions)
-        if not protocol and client_offer and not offered:
+        if rel is not None:
+            protocol = reliable.SUBPROTOCOL
+            greeting = make_reliable(s, rel, *(resumed_reliable or (None, 0, 0))[1:])
+        elif not protocol and not offered:
             # The client offered only `bearer.<token>`: browsers fail a handshake
             # whose answer names none of the offered protocols, so echo its own.
-            protocol = client_offer[0]
+            protocol = next((p for p in client_offer if p != reliable.SUBPROTOCOL), None)
         self._go_live(routing, route, frames.accept_key(key), protocol, extensions, transport, leftover, greeting)
         if welcome is not None:
             plan.connect.apply_channels(s, welcome)

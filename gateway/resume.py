@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import frames, metrics, tokens
+from . import frames, metrics, reliable, tokens
 from .errors import StoreUnavailable, Refusal, TRY_AGAIN_LATER
 from .logs import event
 from .store import detached as d
@@ -111,6 +111,35 @@ async def claim(node, raw: str, token: str | None):
     return route, (claims if route.wants_token else None), rec
 
 
+async def reliable_counts(node, rec: dict, route, head, offered: bool):
+    """A reliable session's resume, before the 101 (docs/reliable.md): the client
+    speaks gateway.reliable.v1 again and says with `last=` how many of the
+    gateway's messages it has; the buffer (sealed: `claim` waited) must hold
+    every one after that. Returns (the route's reliable config, up, last), or
+    raises a Refusal (the handshake gives the lease back)."""
+    cfg = route.route.reliable
+    if not offered:
+        raise Refusal(400, "resume refused: a reliable session resumes with the gateway.reliable.v1 subprotocol",
+                      metric="resume_not_reliable")
+    if cfg is None:
+        raise Refusal(410, "resume refused: the session's route is no longer reliable; start a new session",
+                      metric="resume_route_gone")
+    last = reliable.parse_last(head.query.get("last"))
+    if last is None:
+        raise Refusal(400, "resume refused: a reliable session resumes with last=<count>", metric="resume_bad_last")
+    try:
+        entries = await node.cluster.store.detached.read(rec["session"])
+    except StoreUnavailable:
+        raise Refusal(503, "resume refused: session store unreachable; retry",
+                      metric="resume_store_unavailable", headers=(("Retry-After", "2"),)) from None
+    counts = reliable.split_replay(entries)
+    if counts is None:
+        raise _refuse(d.LOST)
+    first, up, data = counts
+    reliable.check_last(last, first, first + len(data) - 1)
+    return cfg, up, last
+
+
 def _route(node, name):
     return next((r for r in node.routing.router.routes if r.name == name), None)
 
@@ -148,10 +177,19 @@ async def complete(node, s, rec: dict, pending: bytes, leftover: bytes) -> None:
         metrics.resume_refusals.labels("finish_failed").inc()
         s.gateway_close(TRY_AGAIN_LATER, "resume failed; retry")
         return
-    write = s.transport.write
-    for _, opcode, payload in entries:
-        write(frames.frame(opcode, payload))
-    s.u_msgs += len(entries)
+    if s.rel is not None:
+        # Numbered from the buffer's first; what the client has (up to `last`, its
+        # window's start) is not sent again, the rest is kept until acked, as live ones.
+        first, _, entries = reliable.split_replay(entries) or (0, 0, [])
+        skip = s.rel.window.sent - first + 1
+        entries = entries[skip:]
+        for _, opcode, payload in entries:
+            s._to_client(opcode, payload)
+    else:
+        write = s.transport.write
+        for _, opcode, payload in entries:
+            write(frames.frame(opcode, payload))
+        s.u_msgs += len(entries)
     metrics.replayed.inc(len(entries))
     metrics.resumes.inc()
     node.resumed(s, rec.get("channels") or ())

@@ -8,7 +8,7 @@ import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parents[2] / "gateway"
 PURE = {"config", "routing", "errors", "frames", "http1", "session", "auth", "dispatch", "channels",
-        "records", "paths", "tokens", "redact", "trace"}
+        "records", "paths", "tokens", "redact", "trace", "reliable"}
 IO_LIBS = {"asyncio", "aiohttp", "redis", "uvloop", "socket"}
 # Exceptions, each with its reason.
 ALLOWED_IO = {

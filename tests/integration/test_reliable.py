@@ -1,0 +1,237 @@
+"""Reliable mode (docs/reliable.md), spoken by hand: a raw client sends and reads
+the kind-byte frames itself, real backends number what they send, and every
+message is counted at both ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import frames
+from gateway.frames import OP_BINARY, OP_TEXT
+
+from ..conftest import proxy_config
+from ..helpers import RawClient, until
+from .numbered import NumberedBackend
+
+PROTO = "gateway.reliable.v1"
+
+
+def reliable_cfg(backend_url: str, **rel) -> dict:
+    return proxy_config(backend_url, route={"reliable": rel or None})
+
+
+@pytest.fixture
+async def numbered():
+    b = NumberedBackend()
+    await b.start()
+    yield b
+    await b.stop()
+
+
+class Peer:
+    """The client's half of gateway.reliable.v1, by hand: counts both ways, acks on demand."""
+
+    def __init__(self, raw: RawClient):
+        self.raw = raw
+        self.hello: dict | None = None
+        self.got: list[bytes] = []       # d payloads, in order
+        self.kinds: list[int] = []       # opcode of each d
+        self.acks: list[int] = []        # acks from the gateway
+        self.sent = 0
+        self.close: tuple[int, str] | None = None
+
+    @classmethod
+    async def connect(cls, url: str, protocols: str = PROTO, query: str = "") -> "Peer":
+        raw = await RawClient.connect(f"{url}/ws{query}", {"Sec-WebSocket-Protocol": protocols})
+        assert raw.status == 101, raw.status
+        peer = cls(raw)
+        op, _, payload = await raw.recv_frame()
+        assert op == OP_TEXT and payload[:1] == b"h", payload
+        peer.hello = json.loads(payload[1:])
+        return peer
+
+    def send(self, text: str, opcode: int = OP_TEXT) -> None:
+        self.sent += 1
+        self.raw.send_frame(opcode, b"d" + text.encode())
+
+    def ack(self, count: int | None = None) -> None:
+        self.raw.send_frame(OP_TEXT, b"a%d" % (len(self.got) if count is None else count))
+
+    async def read(self, timeout: float = 5.0) -> None:
+        """One frame, filed by kind."""
+        op, fin, payload = await self.raw.recv_frame(timeout)
+        assert fin
+        if op == frames.OP_CLOSE:
+            self.close = frames.parse_close(payload)
+            return
+        if op == frames.OP_PING:
+            return
+        kind, rest = payload[:1], payload[1:]
+        if kind == b"d":
+            self.got.append(rest)
+            self.kinds.append(op)
+        elif kind == b"a":
+            assert op == OP_TEXT
+            self.acks.append(int(rest))
+        else:
+            raise AssertionError(f"unexpected frame {payload[:40]!r}")
+
+    async def read_until(self, check, what: str, max_frames: int = 100_000) -> None:
+        for _ in range(max_frames):
+            if check():
+                return
+            await self.read()
+        raise AssertionError(f"{what}: not within {max_frames} frames")
+
+
+def session_of(gw):
+    (s,) = gw.node.sessions.values()
+    return s
+
+
+async def test_reliable_route_selects_the_subprotocol_and_says_hello_first(gateway, backend):
+    b = await backend()
+    gw = await gateway(reliable_cfg(b.url))
+    peer = await Peer.connect(gw.url, f"chat.v2, {PROTO}")
+    assert peer.raw.headers["sec-websocket-protocol"] == PROTO
+    s = session_of(gw)
+    assert peer.hello["v"] == 1 and peer.hello["session"] == s.session_id
+    assert peer.hello["up"] == 0 and peer.hello["down"] == 0
+    assert peer.hello["token"].startswith(s.session_id + ".")
+    # Never forwarded: the backend is offered the rest of the client's list only.
+    await until(lambda: _async(b.requests), what="backend handshake")
+    assert b.requests[0].get("Sec-WebSocket-Protocol") == "chat.v2"
+    peer.send("hi")
+    await peer.read_until(lambda: peer.got, "echo")
+    assert peer.got == [b"hi"]
+    assert [(t.name, d) for t, d in b.received] == [("TEXT", "hi")]
+
+
+async def _async(value):
+    return value
+
+
+async def test_route_without_reliable_does_not_select_it_and_passes_frames_as_they_are(gateway, backend):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url))
+    raw = await RawClient.connect(f"{gw.url}/ws", {"Sec-WebSocket-Protocol": PROTO})
+    assert raw.status == 101
+    assert "sec-websocket-protocol" not in raw.headers
+    raw.send_frame(OP_TEXT, b"dplain")
+    op, _, payload = await raw.recv_frame()
+    assert (op, payload) == (OP_TEXT, b"dplain")    # no hello, no kind byte added or taken
+    assert "Sec-WebSocket-Protocol" not in b.requests[0]
+
+
+async def test_numbered_both_ways_acked_both_ways_and_the_window_trimmed(gateway, numbered):
+    gw = await gateway(reliable_cfg(numbered.url, ack_every=16, ack_ms=50))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    sid = s.session_id
+    for i in range(1, 101):
+        peer.send(f"c{i}")
+    # Acks every 16 messages, then the rest after ack_ms: 16, 32, ..., 96, 100.
+    await peer.read_until(lambda: peer.acks and peer.acks[-1] == 100, "acks up to 100")
+    assert peer.acks == [16, 32, 48, 64, 80, 96, 100]
+    await until(lambda: _async(len(numbered.got[sid]) == 100), what="backend got 100")
+    assert numbered.got[sid] == [f"c{i}" for i in range(1, 101)]   # plain, in order, once each
+    await peer.read_until(lambda: len(peer.got) >= 200, "200 from the backend")
+    assert peer.got[:200] == [f"s{i}".encode() for i in range(1, 201)]
+    assert set(peer.kinds) == {OP_TEXT}
+    assert len(s.rel.window) >= 200    # nothing acked yet: everything sent is kept
+    peer.ack(150)
+    await until(lambda: _async(s.rel.window.first == 151), what="window trimmed by the ack")
+    assert s.rel.window.sent == len(s.rel.window) + 150
+
+
+async def test_a_full_window_stops_reading_the_upstream_until_an_ack(gateway, numbered):
+    gw = await gateway(reliable_cfg(numbered.url, max_unacked_messages=5))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    sid = s.session_id
+    # The backend keeps sending (into socket buffers); the gateway takes no more than 5.
+    await until(lambda: _async(numbered.sent[sid] >= 60), what="backend sent 60")
+    assert s.rel.window.sent == 5 and s.rel.window.full
+    await peer.read_until(lambda: len(peer.got) == 5, "the first 5")
+    peer.ack()
+    await peer.read_until(lambda: len(peer.got) == 10, "5 more after the ack")
+    assert s.rel.window.sent == 10
+    for want in range(15, 35, 5):
+        peer.ack()
+        await peer.read_until(lambda: len(peer.got) == want, f"{want} after the next ack")
+        assert s.rel.window.sent == want
+    assert peer.got[:30] == [f"s{i}".encode() for i in range(1, 31)]
+
+
+async def test_the_window_bound_counts_bytes_too(gateway, backend):
+    async def big(ws, request):
+        for i in range(20):
+            await ws.send_bytes(bytes([i]) * 1000)
+        async for _ in ws:
+            pass
+    b = await backend(handler=big)
+    gw = await gateway(reliable_cfg(b.url, max_unacked_bytes=3000))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    await peer.read_until(lambda: len(peer.got) == 3, "3 KB")
+    assert s.rel.window.size == 3000 and s.rel.window.full and peer.kinds == [OP_BINARY] * 3
+    peer.ack()
+    await peer.read_until(lambda: len(peer.got) == 6, "3 KB more")
+    assert peer.got == [bytes([i]) * 1000 for i in range(6)]
+
+
+@pytest.mark.parametrize("payload, opcode", [
+    (b"xhello", OP_TEXT),     # unknown kind
+    (b"", OP_TEXT),           # no kind byte at all
+    (b"a12x", OP_TEXT),       # an ack that is not a count
+    (b"a5", OP_TEXT),         # an ack above what was sent
+    (b"a1", OP_BINARY),       # acks are text
+    (b"h{}", OP_TEXT),        # hellos go one way only
+])
+async def test_a_frame_outside_the_format_closes_1002(gateway, backend, payload, opcode):
+    b = await backend()
+    gw = await gateway(reliable_cfg(b.url))
+    peer = await Peer.connect(gw.url)
+    peer.raw.send_frame(opcode, payload)
+    await peer.read_until(lambda: peer.close is not None, "close")
+    assert peer.close[0] == 1002
+    assert b.received == []
+
+
+async def test_a_push_to_a_reliable_session_is_numbered_like_the_backends_messages(gateway, numbered):
+    gw = await gateway(reliable_cfg(numbered.url, ack_every=1))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    await peer.read_until(lambda: len(peer.got) >= 3, "3 from the backend")
+    assert s.send_message(OP_TEXT, b"pushed")
+    await peer.read_until(lambda: b"pushed" in peer.got, "the push")
+    n = peer.got.index(b"pushed") + 1
+    assert s.rel.window.items[n - s.rel.window.first] == (OP_TEXT, b"pushed")
+    assert [g for g in peer.got if g != b"pushed"] == [f"s{i}".encode() for i in range(1, len(peer.got))]
+
+
+async def test_a_traced_reliable_session_keeps_the_reliable_relay_and_gets_it_back(gateway, backend, http,
+                                                                                   monkeypatch):
+    from gateway.relay import ReliableSession, TracedReliableSession
+
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t")
+    b = await backend(compress=False)
+    gw = await gateway(reliable_cfg(b.url))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    assert type(s) is ReliableSession
+    async with http.post(f"{gw.admin_url}/v1/connections/{s.id}/trace", json={"max_frames": 4},
+                         headers={"Authorization": "Bearer t"}) as r:
+        assert r.status == 200
+    assert type(s) is TracedReliableSession
+    for i in range(4):
+        peer.send(f"m{i}")
+        await peer.read_until(lambda: len(peer.got) == i + 1, f"echo {i}")
+    await until(lambda: _async(type(s) is ReliableSession), what="the trace ended at max_frames")
+    assert s.transport.get_protocol().data_received.__func__ is ReliableSession.from_client_relay
+    peer.send("after")
+    await peer.read_until(lambda: len(peer.got) == 5, "after the trace")
+    assert peer.got == [b"m0", b"m1", b"m2", b"m3", b"after"]
+    assert [d for _, d in b.received] == ["m0", "m1", "m2", "m3", "after"]
