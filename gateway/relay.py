@@ -996,6 +996,8 @@ class ReliableSession(Session):
     # ------------------------------------------ frames the gateway sends itself
     def send_message(self, opcode: int, payload: bytes) -> bool:
         """A push or channel message: numbered like the upstream's; refused while the window is full."""
+        if self.capture is not None:
+            return self.capture.add(opcode, bytes(payload))   # draining: it goes to the replay buffer
         if self.rel.window.full:
             return False
         self.u_bytes += len(payload)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import frames, metrics
+from . import frames, metrics, reliable
 from .errors import PROTOCOL_ERROR, StoreUnavailable
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_header
 from .logs import event
@@ -41,7 +41,8 @@ class Capture:
     """One draining session's messages for the client, on their way to its replay buffer."""
 
     __slots__ = ("s", "store", "sid", "max_n", "max_bytes", "max_message", "deadline", "pending", "n", "size",
-                 "full", "force", "buf", "skip", "parts", "parts_size", "msg_op", "writer", "ended", "done", "why")
+                 "full", "force", "buf", "skip", "parts", "parts_size", "msg_op", "writer", "ended", "done", "why",
+                 "first")
 
     def __init__(self, session, detached_store, drain, max_message: int, deadline: float):
         self.s = session
@@ -63,6 +64,7 @@ class Capture:
         self.ended = False
         self.done = asyncio.get_running_loop().create_future()   # True: sealed; False: could not be
         self.why = None
+        self.first = None   # a reliable session: the number of the buffer's first message
 
     # ------------------------------------------------------------ what comes in
     def add(self, opcode: int, payload: bytes) -> bool:
@@ -156,7 +158,17 @@ class Capture:
                 self.add(self.msg_op, parts[0] if len(parts) == 1 else b"".join(parts))
 
     def end(self) -> None:
-        """The session has ended: nothing more will come. Seal once written."""
+        """The session has ended: nothing more will come. Seal once written.
+
+        A reliable session's buffer ends with its counts (reliable.meta): the
+        number of its first message, and `up`, final only now (the client's
+        messages reach the upstream until its close). They do not count
+        against the caps."""
+        if self.first is not None and not self.full:
+            counts = reliable.meta(self.first, self.s.rel.inbound.taken)
+            self.pending.append((reliable.META, counts))
+            self.max_n += 1
+            self.max_bytes += len(counts)
         self.ended = True
         self._kick()
 
@@ -240,4 +252,19 @@ class Draining:
         capture.buf = self.u_buf   # an unfinished frame header of which the client saw nothing
         self.u_buf = b""
         self.u_need = 0
+        rel = self.rel
+        if rel is not None:
+            # What the client has not acked goes first, numbered on from the window's start;
+            # then a message half joined, then what a full window held back.
+            window = rel.window
+            capture.first = window.first
+            for opcode, payload in window.items:
+                capture.add(opcode, payload)
+            capture.parts, capture.msg_op, capture.parts_size = rel.parts, rel.msg_op, rel.parts_size
+            rel.parts = None
+            rel.parts_size = 0
         self.up.set_protocol(Side(self, capture.feed, self.upstream_lost, False))
+        if rel is not None and not self.upstream.gone:
+            self.up.resume_reading()   # a full window may have paused it
+            if capture.buf:
+                capture.feed(b"")

@@ -4,8 +4,11 @@ message is counted at both ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import jwt
 import pytest
 
 from gateway import frames
@@ -235,3 +238,79 @@ async def test_a_traced_reliable_session_keeps_the_reliable_relay_and_gets_it_ba
     await peer.read_until(lambda: len(peer.got) == 5, "after the trace")
     assert peer.got == [b"m0", b"m1", b"m2", b"m3", b"after"]
     assert [d for _, d in b.received] == ["m0", "m1", "m2", "m3", "after"]
+
+
+# ------------------------------------------------------------ drain and resume
+SECRET = "r" * 64
+
+
+def jwt_for(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+
+
+def node_cfg(node_id: str, redis_url: str | None, backend_url: str, **rel) -> dict:
+    cfg = proxy_config(backend_url, route={"auth": "required", "reliable": rel or None})
+    cfg.update({
+        "node_id": node_id,
+        "auth": {"jwt": {"algorithms": ["HS256"], "keys": {"secret_env": "RELIABLE_JWT_SECRET"},
+                         "sources": ["query:access_token"]}},
+        "drain": {"timeout_s": 5, "rate_per_s": 1000},
+    })
+    if redis_url is not None:
+        cfg["redis"] = {"url": redis_url, "heartbeat_s": 0.2, "node_ttl_s": 1, "timeout_s": 0.5}
+    return cfg
+
+
+@pytest.fixture
+def jwt_env(monkeypatch):
+    monkeypatch.setenv("RELIABLE_JWT_SECRET", SECRET)
+
+
+@pytest.mark.parametrize("kept", ["all", 15])
+async def test_a_drained_reliable_session_resumes_with_last_on_another_node(gateway, redis_server, numbered,
+                                                                           jwt_env, kept):
+    """`kept`: how many of the gateway's messages the client still has; 15 (fewer than it
+    read, more than it acked) is served from what the window held at the drain."""
+    a = await gateway(node_cfg("node-a", redis_server.url, numbered.url))
+    b = await gateway(node_cfg("node-b", redis_server.url, numbered.url))
+    token = jwt_for("alice")
+    peer = await Peer.connect(a.url, query=f"?access_token={token}")
+    sid = peer.hello["session"]
+    for i in range(1, 21):
+        peer.send(f"c{i}")
+    await peer.read_until(lambda: len(peer.got) >= 30, "30 from the backend")
+    peer.ack(10)   # 11... stay in the gateway's window: the replay starts there
+    await until(lambda: _async(session_of(a).rel.window.first == 11), what="ack taken")
+    drain = asyncio.ensure_future(a.stop())
+    await peer.read_until(lambda: peer.close is not None, "the drain's close", 10_000)
+    code, reason = peer.close
+    assert code == 1012 and reason.startswith("resume=")
+    # Sent after the 1012, before the client's close: these still reach the backend and count.
+    for i in range(21, 24):
+        peer.send(f"c{i}")
+    peer.raw.send_frame(frames.OP_CLOSE, frames.close_payload(1000, ""))
+    await asyncio.wait_for(drain, 10)
+    if kept != "all":
+        del peer.got[kept:]
+    last = len(peer.got)
+    again = await Peer.connect(b.url, query=f"?access_token={token}&{reason}&last={last}")
+    # The hello: a fresh token, what the backend took, and where the client's count stands.
+    assert again.hello["session"] == sid and again.hello["up"] == 23 and again.hello["down"] == last
+    assert again.hello["token"] != peer.hello["token"]
+    for i in range(24, 31):
+        again.send(f"c{i}")
+    again.got = list(peer.got)
+    await again.read_until(lambda: len(again.got) >= last + 30, "30 more after the resume")
+    # Nothing lost, nothing twice, in order, each way; the backend saw plain messages.
+    assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
+    await until(lambda: _async(len(numbered.got[sid]) == 30), what="the backend got c1..c30")
+    assert numbered.got[sid] == [f"c{i}" for i in range(1, 31)]
+    assert numbered.handshakes[-1]["Gateway-Session-Id"] == sid
+    assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+    assert "last=" not in numbered.handshakes[-1].get("Gateway-Original-URI", "")
+    assert PROTO not in numbered.handshakes[-1].get("Sec-WebSocket-Protocol", "")
+    # The replayed messages are in the new window until acked, as live ones.
+    s = session_of(b)
+    assert s.rel.window.first == last + 1
+    again.ack()
+    await until(lambda: _async(s.rel.window.first > last + 30), what="acked on B")
