@@ -1,8 +1,9 @@
 // The connection: one WebSocket at a time, replaced when it closes, as the
 // close policy (policy.js) says. States and their moves are in states.js,
 // retry delays in backoff.js, the outbound queue in queue.js, requests in
-// pending.js, the wire format in framing.js; this file wires them to a
-// socket and to the application's listeners.
+// pending.js, the wire format in framing.js, reliable mode's counts and
+// window in reliable.js; this file wires them to a socket and to the
+// application's listeners.
 
 import { Backoff } from './backoff.js';
 import { ClosedError, GatewayError } from './errors.js';
@@ -10,10 +11,12 @@ import { plainFraming } from './framing.js';
 import { PendingRequests } from './pending.js';
 import { decide, handshakeStatus } from './policy.js';
 import { byteSize, OutboundQueue } from './queue.js';
+import { parseHello, RELIABLE_SUBPROTOCOL, ReliableSession } from './reliable.js';
 import { advance } from './states.js';
 import { MessageStream } from './stream.js';
 
 const OPEN = 1;   // WebSocket.OPEN, the same in every implementation
+const NO_SUBPROTOCOL = /Server sent no subprotocol/;   // the ws package's handshake error
 
 export const EVENTS = Object.freeze(['state', 'open', 'message', 'close', 'error', 'resumeFailed', 'dropped']);
 
@@ -35,6 +38,7 @@ const OPTIONS = Object.freeze({
   maxPending: 1000,
   requestTimeoutMs: 10_000,
   framing: plainFraming,
+  reliable: null,           // 'prefer' | 'require': numbered messages, resumed after any drop (reliable.js)
   random: null,             // () => [0, 1); default Math.random
   timers: null,             // {setTimeout, clearTimeout}; default the global ones
   autoConnect: true,
@@ -69,6 +73,12 @@ function checkOptions(options) {
     if (!(o[name] >= 1)) {
       throw new TypeError(`${name} must be a number >= 1 (Infinity: never), got ${String(o[name])}`);
     }
+  }
+  if (o.reliable !== null && o.reliable !== 'prefer' && o.reliable !== 'require') {
+    throw new TypeError(`reliable must be null, 'prefer' or 'require', got ${JSON.stringify(o.reliable)}`);
+  }
+  if (o.reliable !== null && o.framing !== plainFraming) {
+    throw new TypeError('reliable mode has its own wire format: it does not take a framing option');
   }
   for (const name of ['connectTimeoutMs', 'requestTimeoutMs']) {
     if (!(o[name] > 0)) {
@@ -115,10 +125,13 @@ export class GatewayClient {
     this._listeners = new Map(EVENTS.map((name) => [name, new Set()]));
     this._timers = o.timers ?? defaultTimers;
     this._backoff = new Backoff(o.backoff, o.random ?? Math.random);
-    this._queue = new OutboundQueue({
+    const queue = {
       maxMessages: o.maxQueue, maxBytes: o.maxQueueBytes, overflow: o.overflow,
       onDrop: (data) => this._emit('dropped', { data }),
-    });
+    };
+    this._queue = new OutboundQueue(queue);
+    // Reliable mode keeps what was sent until acked, in a window with the queue's bounds.
+    this._rel = o.reliable === null ? null : new ReliableSession({ queue, timers: this._timers });
     this._pending = new PendingRequests({ idField: o.idField, maxPending: o.maxPending, timers: this._timers });
     this._framing = o.framing.create({ sendRaw: (data) => this._socket.ws.send(data) });
     this._token = o.token;
@@ -145,7 +158,12 @@ export class GatewayClient {
 
   /** Messages waiting in the outbound queue. */
   get queued() {
-    return this._queue.length;
+    return this._rel === null ? this._queue.length : this._rel.unsent;
+  }
+
+  /** Reliable mode: messages sent or queued that the gateway has not acked yet (else 0). */
+  get unacked() {
+    return this._rel === null ? 0 : this._rel.window.length;
   }
 
   /** Start connecting: needed with autoConnect false, or to start again once closed. */
@@ -157,6 +175,9 @@ export class GatewayClient {
       this._resume = null;
       this._backoff.reset();
       this.closeReason = null;
+      if (this._rel !== null) {
+        this._rel.unavailable = false;
+      }
     }
     if (!this._started) {
       this._started = true;
@@ -179,6 +200,10 @@ export class GatewayClient {
       throw new ClosedError('the client is closed');
     }
     byteSize(data);   // a TypeError for what a WebSocket cannot send
+    if (this._rel !== null) {
+      this._rel.send(data);   // written now when a connection is live, else on the next hello
+      return;
+    }
     const wire = this._framing.encode(data);
     const s = this._socket;
     if (s !== null && s.opened && s.ws.readyState === OPEN && this._queue.length === 0) {
@@ -241,6 +266,7 @@ export class GatewayClient {
         s.ws.close();
       }
       this._framing.closed();
+      this._rel?.closed();
       this._emit('close', { code, reason, willRetry: false });
     }
     this._shutdown('closed by the application');
@@ -290,10 +316,13 @@ export class GatewayClient {
     if (generation !== this._generation) {
       return;
     }
-    let ws;
+    let ws, offeredReliable;
     try {
       const url = absoluteUrl(raw);
-      const protocols = [...this._framing.protocols, ...this._o.protocols];
+      const rel = this._rel;
+      const own = rel === null ? this._framing.protocols : rel.unavailable ? [] : [RELIABLE_SUBPROTOCOL];
+      const protocols = [...own, ...this._o.protocols];
+      offeredReliable = own.length > 0;
       if (this._token !== null) {
         if (this._o.tokenIn === 'query') {
           url.searchParams.set(this._o.tokenParam, this._token);
@@ -303,6 +332,11 @@ export class GatewayClient {
       }
       if (this._resume !== null) {
         url.searchParams.set('resume', this._resume);
+        if (rel !== null && rel.token !== null) {
+          url.searchParams.set('last', String(rel.received));   // the gateway replays from last + 1
+        }
+      } else if (rel !== null) {
+        rel.fresh();
       }
       ws = protocols.length > 0 ? new WS(url.href, protocols) : new WS(url.href);
     } catch (error) {
@@ -310,22 +344,102 @@ export class GatewayClient {
       return;
     }
     ws.binaryType = 'arraybuffer';
-    const s = { ws, opened: false, resumeToken: this._resume, status: null };
+    const s = { ws, opened: false, resumeToken: this._resume, status: null, hello: false, noReliable: false,
+      offeredReliable };
     this._socket = s;
     this._timer = this._timers.setTimeout(() => {
       this._timer = null;
       ws.close();   // a handshake that hangs: fails the attempt, which closes with 1006
     }, this._o.connectTimeoutMs);
-    ws.onopen = () => this._socket === s && this._opened(s);
-    ws.onmessage = (event) => this._socket === s && this._received(event.data);
+    ws.onopen = () => this._socket === s && (this._rel === null ? this._opened(s) : this._reliableOpen(s));
+    ws.onmessage = (event) => this._socket === s && (s.hello ? this._hello(s, event.data) : this._received(event.data));
     ws.onerror = (event) => this._socket === s && this._failed(s, event);
     ws.onclose = (event) => this._socket === s && this._closed(s, event);
   }
 
-  _opened(s) {
+  /** Reliable mode's 101: wait for the hello (still within connectTimeoutMs), or go plain, or give up. */
+  _reliableOpen(s) {
+    if (s.ws.protocol === RELIABLE_SUBPROTOCOL) {
+      s.hello = true;
+    } else {
+      this._noReliable(s);
+    }
+  }
+
+  /**
+   * The gateway does not do reliable mode on this route: 'prefer' goes on
+   * without it, 'require' stops. `close`: the handshake failed for it (ws),
+   * else the socket is open without the subprotocol (browsers).
+   */
+  _noReliable(s, close = null) {
+    if (this._o.reliable === 'prefer') {
+      this._rel.unavailable = true;   // for this client's life: offered again after close() and connect()
+      if (close === null) {
+        this._opened(s, false, () => this._rel.plainOpened(this._writer(s)));
+      } else {
+        this._failures -= 1;   // not a failure: the same attempt without the offer
+        this._emit('close', { ...close, willRetry: true });
+        this._retry('resume');
+      }
+      return;
+    }
+    const why = `the gateway did not select ${RELIABLE_SUBPROTOCOL} (the route has no reliable:), `
+      + "and this client requires it (reliable: 'require')";
+    this._emit('error', new GatewayError(why));
+    if (close === null) {
+      this._abandon(s, false);
+    } else {
+      this._emit('close', { ...close, willRetry: false });
+    }
+    this._shutdown(why);
+  }
+
+  /** The first message of a reliable connection: the session goes on, or a fresh one starts. */
+  _hello(s, raw) {
+    s.hello = false;
+    const resuming = s.resumeToken !== null;
+    let h, why;
+    try {
+      if (typeof raw !== 'string' || raw[0] !== 'h') {
+        throw new GatewayError('reliable: the first message from the gateway is not its hello');
+      }
+      h = parseHello(raw.slice(1));
+      why = this._rel.check(h, resuming);
+    } catch (error) {
+      this._emit('error', error);
+      why = error.message;
+    }
+    if (why === null) {
+      this._opened(s, resuming, () => this._rel.start(h, this._writer(s)));
+      return;
+    }
+    // The counts do not match (or no hello): this session cannot go on without loss.
+    this._abandon(s, true);
+    this._resume = null;
+    this._failures = 0;
+    this._emit('resumeFailed', { reason: why });
+    this._retry(resuming ? 'resume' : 'retry');
+  }
+
+  _writer(s) {
+    return (wire) => s.ws.readyState === OPEN && s.ws.send(wire);
+  }
+
+  /** Close a socket the client no longer wants, and forget it (its own close is not waited for). */
+  _abandon(s, willRetry) {
+    this._socket = null;
+    this._clearTimers();
+    this._rel?.closed();
+    s.ws.onclose = null;
+    s.ws.onerror = null;
+    s.ws.onmessage = null;
+    s.ws.close(1000);
+    this._emit('close', { code: 1000, reason: '', willRetry });
+  }
+
+  _opened(s, resumed = s.resumeToken !== null, flush = null) {
     this._clearTimers();
     s.opened = true;
-    const resumed = s.resumeToken !== null;
     this._resume = null;
     this._failures = 0;
     if (resumed) {
@@ -338,6 +452,9 @@ export class GatewayClient {
     }
     this._framing.opened({ resumed, protocol: s.ws.protocol });
     // The queue first, so that a send() from a listener below goes after it.
+    if (flush !== null) {
+      flush();
+    }
     while (this._queue.length > 0 && s.ws.readyState === OPEN) {
       s.ws.send(this._queue.shift());
     }
@@ -346,7 +463,13 @@ export class GatewayClient {
   }
 
   _received(raw) {
-    const data = this._framing.decode(raw);
+    let data;
+    try {
+      data = this._rel === null ? this._framing.decode(raw) : this._rel.receive(raw);
+    } catch (error) {
+      this._emit('error', error);   // the gateway broke the protocol: reported, the message ignored
+      return;
+    }
     if (data === undefined) {
       return;
     }
@@ -374,6 +497,11 @@ export class GatewayClient {
     if (status !== null) {
       s.status = status;
     }
+    if (this._rel !== null && !s.opened && NO_SUBPROTOCOL.test(message ?? '')) {
+      // The ws package fails a 101 that selects none of the offered subprotocols
+      // (a browser opens it, with protocol ''): the route has no reliable:.
+      s.noReliable = true;
+    }
     const error = event?.error instanceof Error ? event.error
       : new GatewayError(message || (s.opened ? 'WebSocket error' : 'WebSocket connection failed'));
     this._emit('error', error);
@@ -388,13 +516,24 @@ export class GatewayClient {
     this._socket = null;
     this._clearTimers();
     this._framing.closed();
+    this._rel?.closed();
     if (!s.opened) {
       this._failures += 1;
     }
     const close = { code: event.code, reason: event.reason ?? '' };
+    if (s.noReliable) {
+      this._noReliable(s, close);
+      return;
+    }
+    if (this._o.reliable === 'prefer' && !s.opened && s.status === null && s.resumeToken === null) {
+      // A browser fails a 101 that selects none of the offered subprotocols, and does not
+      // say why: as far as can be told the route may lack reliable:. The next attempt
+      // goes the other way; the first to open decides.
+      this._rel.unavailable = s.offeredReliable;
+    }
     const decision = decide({
       ...close, opened: s.opened, status: s.status, resumeToken: s.resumeToken,
-      failures: this._failures,
+      reliableToken: this._rel?.token ?? null, failures: this._failures,
       refusalAfter: this._o.refusalAfter, resumeAttempts: this._o.resumeAttempts,
     });
     switch (decision.action) {
@@ -479,6 +618,7 @@ export class GatewayClient {
     this._clearTimers();
     this._move('closed');
     this._queue.clear();
+    this._rel?.clear();
     this._pending.rejectAll(why);
     for (const stream of this._streams) {
       stream.end();

@@ -14,13 +14,16 @@ export type Outgoing = string | ArrayBuffer | ArrayBufferView | Blob;
 
 export interface GatewayEvents {
   state: { from: State; to: State };
-  /** `resumed`: the gateway resumed the drained session (its replay came first); false: a new session. */
+  /** `resumed`: the gateway resumed the session (its replay came first); false: a new session. */
   open: { resumed: boolean };
   message: Message;
   /** Every socket close; `willRetry` false means the client is now closed. */
   close: { code: number; reason: string; willRetry: boolean };
   error: Error;
-  /** A resume was refused (or kept failing): the client goes on with a new session. */
+  /**
+   * A resume was refused (or kept failing), or in reliable mode the gateway's counts did not
+   * match this client's: the client goes on with a new session.
+   */
   resumeFailed: { reason: string };
   /** overflow 'dropOldest': a queued message was pushed out unsent. */
   dropped: { data: Outgoing };
@@ -104,7 +107,15 @@ export interface GatewayOptions {
   /** Requests waiting for replies at most (default 1000). */
   maxPending?: number;
   requestTimeoutMs?: number;
+  /** A wire format for the messages (default: as they are). Not with `reliable`. */
   framing?: Framing;
+  /**
+   * Reliable mode (`gateway.reliable.v1`, docs/reliable.md): messages numbered both ways,
+   * kept until acked, and the session resumed after any unplanned close (1006 included).
+   * 'prefer': plain messages on a route without it; 'require': close with an error there.
+   * Default null: off.
+   */
+  reliable?: 'prefer' | 'require' | null;
   /** For tests: the source of jitter, [0, 1). */
   random?: (() => number) | null;
   /** For tests: the timers the client uses. */
@@ -118,8 +129,10 @@ export declare const EVENTS: readonly EventName[];
 export declare class GatewayClient implements AsyncIterable<Message> {
   constructor(url: UrlSource, options?: GatewayOptions);
   readonly state: State;
-  /** Messages waiting in the outbound queue. */
+  /** Messages waiting in the outbound queue (reliable mode: not yet written on this connection). */
   readonly queued: number;
+  /** Reliable mode: messages sent or queued that the gateway has not acked yet; else 0. */
+  readonly unacked: number;
   /** Why the client closed, once it has; else null. */
   readonly closeReason: string | null;
   /** Starts connecting: needed with autoConnect false, or to start again once closed. */
@@ -160,6 +173,8 @@ export interface CloseFacts {
   status?: number | null;
   /** The resume token the attempt presented, else null. */
   resumeToken?: string | null;
+  /** Reliable mode: the token of the connection's hello; with one, any close but 1000 and 1008 resumes. */
+  reliableToken?: string | null;
   byUser?: boolean;
   failures?: number;
   refusalAfter?: number;
@@ -196,6 +211,8 @@ export declare class PendingRequests {
 }
 
 export declare const plainFraming: Framing;
+/** The subprotocol reliable mode offers: 'gateway.reliable.v1'. */
+export declare const RELIABLE_SUBPROTOCOL: string;
 export declare const STATES: readonly State[];
 export declare const TRANSITIONS: Readonly<Record<State, readonly State[]>>;
 export declare function advance(from: State, to: State): State;

@@ -32,6 +32,9 @@ export function handshakeStatus(message) {
  *   status       the HTTP status of a refused handshake, when known, else null
  *   resumeToken  the resume token the attempt presented, else null
  *   failures     attempts in a row, this one included, that closed before opening
+ *   reliableToken  reliable mode: the resume token of the connection's hello, else null;
+ *                with one, any close but 1000 and 1008 resumes (the gateway parked the
+ *                session: docs/reliable.md), not only a drain's
  *
  * Returns one of
  *   {action: 'stop', why}             closed for good
@@ -42,7 +45,7 @@ export function handshakeStatus(message) {
  *   {action: 'fresh', why}            the resume was refused: a new session
  */
 export function decide(close) {
-  const { code, reason, opened, status = null, resumeToken: held = null, byUser = false,
+  const { code, reason, opened, status = null, resumeToken: held = null, reliableToken = null, byUser = false,
     failures = 0, refusalAfter = 5, resumeAttempts = 3 } = close;
   if (byUser) {
     return { action: 'stop', why: 'closed by the application' };
@@ -54,19 +57,27 @@ export function decide(close) {
   if (token !== null) {
     return { action: 'resume', token };
   }
-  switch (code) {
-    case 1000:
-      return { action: 'stop', why: 'the server closed the connection (1000)' };
-    case 1008:
-      return { action: 'refresh', why: `policy violation (1008${reason ? `: ${reason}` : ''})` };
-    case 1013:
-      // gateway/resume.py: a resume that went live but could not finish gave its lease
-      // back with this reason; the token still resumes the session.
-      return { action: 'retry', kind: 'later', token: reason === RESUME_RETRY_REASON ? held : null };
-    default:
-      // 1001 going away, 1006 lost, 1011 upstream failed, 1012 without a token, ...
-      return { action: 'retry', kind: 'retry', token: null };
+  if (code === 1000) {
+    return { action: 'stop', why: 'the server closed the connection (1000)' };
   }
+  if (code === 1008) {
+    return { action: 'refresh', why: `policy violation (1008${reason ? `: ${reason}` : ''})` };
+  }
+  if (code === 1013 && reason === RESUME_RETRY_REASON && held !== null) {
+    // gateway/resume.py: a resume that went live but could not finish gave its lease
+    // back with this reason; the token still resumes the session.
+    return { action: 'retry', kind: 'later', token: held };
+  }
+  if (reliableToken !== null) {
+    // 1006 (the network lost), 1001, 1011, ...: the gateway parks a reliable session for a resume.
+    return code === 1013 ? { action: 'retry', kind: 'later', token: reliableToken }
+      : { action: 'resume', token: reliableToken };
+  }
+  if (code === 1013) {
+    return { action: 'retry', kind: 'later', token: null };
+  }
+  // 1001 going away, 1006 lost, 1011 upstream failed, 1012 without a token, ...
+  return { action: 'retry', kind: 'retry', token: null };
 }
 
 /** The reason of the gateway's 1013 after a resume that could not finish (gateway/resume.py). */
@@ -74,7 +85,9 @@ export const RESUME_RETRY_REASON = 'resume failed; retry';
 
 function beforeOpen(status, held, failures, refusalAfter, resumeAttempts) {
   if (held !== null) {
-    if (status === 401 || status === 403 || status === 410) {
+    // 400: a reliable resume's `last` out of range; 401/403: the token; 410: used, expired,
+    // or what the client asks for is no longer kept (docs/reliable.md).
+    if (status === 400 || status === 401 || status === 403 || status === 410) {
       return { action: 'fresh', why: `resume refused (HTTP ${status})` };
     }
     if (status === null && failures >= resumeAttempts) {

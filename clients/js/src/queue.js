@@ -64,6 +64,11 @@ export class OutboundQueue {
     this.bytes += size;
   }
 
+  /** The message at `index` from the oldest (0), left in place; undefined past the end. */
+  at(index) {
+    return index < this.length ? this.items[this.head + index][0] : undefined;
+  }
+
   /** The oldest message, removed; undefined when empty. */
   shift() {
     if (this.length === 0) {

@@ -9,10 +9,11 @@ import { WebSocketServer } from 'ws';
  * A WebSocket server on a free port. Each connection is recorded as
  * {socket, url, protocols}; `onConnection(conn)` runs for each (default: echo).
  * Set `refuse` to an HTTP status to answer the next handshakes with it.
+ * `select(protocols)` picks the subprotocol of the 101 (default: the first offered).
  */
-export async function startServer({ onConnection = echo } = {}) {
+export async function startServer({ onConnection = echo, select = (protocols) => [...protocols][0] ?? false } = {}) {
   const server = http.createServer((req, res) => res.writeHead(404).end());
-  const wss = new WebSocketServer({ noServer: true, handleProtocols: (protocols) => [...protocols][0] ?? false });
+  const wss = new WebSocketServer({ noServer: true, handleProtocols: select });
   const peer = {
     connections: [],
     handshakes: [],     // the URL of every handshake, refused or not
@@ -47,6 +48,36 @@ export async function startServer({ onConnection = echo } = {}) {
 
 export function echo({ socket }) {
   socket.on('message', (data, isBinary) => socket.send(isBinary ? data : data.toString()));
+}
+
+/** The ack_ms of reliableServer's hellos: a delay no other timer in the tests has. */
+export const ACK_MS = 4_444;
+
+/**
+ * A server that speaks reliable mode: a hello on every connection (token
+ * t<n>, `up` from peer.up, `down` from the resume's last=), the client's
+ * messages kept per connection as they came (text as strings, binary as
+ * arrays of bytes).
+ */
+export async function reliableServer({ ackEvery = 64, select } = {}) {
+  const peer = await startServer({
+    select,
+    onConnection: (conn) => {
+      conn.got = [];
+      conn.closeCode = null;
+      conn.socket.on('message', (data, isBinary) => conn.got.push(isBinary ? [...data] : data.toString()));
+      conn.socket.on('close', (code) => {
+        conn.closeCode = code;
+      });
+      if (conn.protocols?.split(',')[0].trim() === 'gateway.reliable.v1' && peer.hello) {
+        const last = conn.url.searchParams.get('last');
+        conn.socket.send(`h${JSON.stringify({ v: 1, session: 's', token: `t${peer.connections.length}`,
+          up: peer.up, down: last === null ? 0 : Number(last) + peer.downSkew, ack_every: ackEvery, ack_ms: ACK_MS })}`);
+      }
+    },
+  });
+  Object.assign(peer, { up: 0, downSkew: 0, hello: true });
+  return peer;
 }
 
 /** Timers that run only when the test fires them; every delay asked for is kept. */

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
 import { GatewayClient } from '../src/index.js';
-import { ManualTimers, next, startServer, until } from './_support.js';
+import { ManualTimers, next, reliableServer, startServer, until } from './_support.js';
 
 const skip = typeof globalThis.WebSocket === 'function' ? false
   : 'no global WebSocket (Node 20: run with --experimental-websocket)';
@@ -63,5 +63,57 @@ test('a getToken with a new token after the unexplained refusals tries again wit
   timers.fire(500);
   await next(c, 'open');
   assert.equal(server.connections.at(-1).url.searchParams.get('access_token'), 't2');
+  await c.close();
+});
+
+test("reliable mode: a 101 without the subprotocol fails here; 'prefer' tries again without it", { skip },
+  async (t) => {
+    const plain = await reliableServer({ select: () => false });
+    t.after(() => plain.close());
+    const timers = new ManualTimers();
+    const p = new GatewayClient(plain.url, { reliable: 'prefer', random: () => 0.5, timers, connectTimeoutMs: 99_999 });
+    p.send('early');
+    // Offered and not selected: the runtime fails the handshake, without a reason; the next attempt does not offer it.
+    await until(() => timers.has(250), 'a retry');
+    timers.fire(250);
+    assert.deepEqual(await next(p, 'open'), { resumed: false });
+    assert.deepEqual(plain.handshakes.length, 2);
+    const conn = plain.connections.at(-1);
+    assert.equal(conn.protocols, null);
+    await until(() => conn.got.length === 1, 'the message, without a kind byte');
+    assert.deepEqual(conn.got, ['early']);
+    await p.close();
+    // 'require' cannot tell this from any failed handshake: it retries, and never sends plain.
+    const r = new GatewayClient(plain.url, { reliable: 'require', random: () => 0.5, timers, connectTimeoutMs: 99_999 });
+    r.send('never plain');
+    await until(() => timers.has(250), 'a retry');
+    assert.equal(r.state, 'connecting');
+    await r.close();
+    assert.deepEqual(plain.connections.slice(2).flatMap((c) => c.got), []);
+  });
+
+test('reliable mode: a cut connection (no close) resumes with last=, nothing lost or twice', { skip }, async (t) => {
+  const peer = await reliableServer();
+  t.after(() => peer.close());
+  const timers = new ManualTimers();
+  const c = new GatewayClient(peer.url, { reliable: 'require', random: () => 0.5, timers, connectTimeoutMs: 99_999 });
+  const got = [];
+  c.on('message', (m) => got.push(m));
+  c.send('m1');
+  c.send('m2');
+  await next(c, 'open');
+  peer.connections[0].socket.send('ds1');
+  await until(() => got.length === 1 && peer.connections[0].got.length === 2, 'traffic both ways');
+  peer.connections[0].socket.terminate();
+  peer.up = 1;
+  await until(() => timers.has(125), 'the resume at once');
+  timers.fire(125);
+  assert.deepEqual(await next(c, 'open'), { resumed: true });
+  const again = peer.connections[1];
+  assert.equal(again.url.searchParams.get('last'), '1');
+  again.socket.send('ds2');
+  await until(() => got.length === 2 && again.got.length === 1, 'the session goes on');
+  assert.deepEqual(got, ['s1', 's2']);
+  assert.deepEqual([...peer.connections[0].got, ...again.got], ['dm1', 'dm2', 'dm2']);
   await c.close();
 });

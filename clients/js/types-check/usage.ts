@@ -2,7 +2,7 @@
 // package, through its published entry points (package.json "exports").
 // The lines marked @ts-expect-error must stay errors.
 
-import { ClosedError, GatewayClient, QueueFullError, RequestTimeoutError, decide } from '@gateway/client';
+import { ClosedError, GatewayClient, QueueFullError, RELIABLE_SUBPROTOCOL, RequestTimeoutError, decide } from '@gateway/client';
 import type { GatewayOptions, Message, State } from '@gateway/client';
 import { useGateway } from '@gateway/client/react';
 
@@ -78,6 +78,13 @@ function Chat(): string {
   return typeof lastMessage === 'string' ? lastMessage : '';
 }
 console.log(Chat);
+
+const reliable = new GatewayClient('wss://gateway.example.com/chat', { reliable: 'require', maxQueue: 500 });
+reliable.on('resumeFailed', ({ reason }) => console.log(RELIABLE_SUBPROTOCOL, reason));
+const unacked: number = reliable.unacked;
+console.log(unacked, decide({ code: 1006, reason: '', opened: true, reliableToken: 't' }).action);
+// @ts-expect-error: reliable is 'prefer' or 'require'
+new GatewayClient('wss://x', { reliable: true });
 
 // @ts-expect-error: an unknown event name
 client.on('opened', () => {});
