@@ -211,12 +211,21 @@ async def test_token_expiry_1008_retries_only_with_a_fresh_token_from_the_provid
     assert b.sessions == 2
 
 
-async def test_a_1008_without_a_provider_closes_the_client(gateway, backend):
-    async def policy_close(ws, request):
-        await ws.close(code=1008, message=b"rate limit")
+async def closing(gateway, backend, *closes: tuple[int, str]):
+    """A gateway in front of a backend that closes each session at once with the
+    next of `closes` (code, reason), then with 1000. Returns (gateway, backend)."""
+    left = iter(closes)
 
-    b = await backend(handler=policy_close)
-    gw = await gateway(proxy_config(b.url))
+    async def close(ws, request):
+        code, reason = next(left, (1000, ""))
+        await ws.close(code=code, message=reason.encode())
+
+    b = await backend(handler=close)
+    return await gateway(proxy_config(b.url)), b
+
+
+async def test_a_1008_without_a_provider_closes_the_client(gateway, backend):
+    gw, b = await closing(gateway, backend, (1008, "rate limit"))
     client = GatewayClient(gw.url + "/ws", backoff=FAST)
     rec = Recorder(client)
     await client.connect()
@@ -228,11 +237,7 @@ async def test_a_1008_without_a_provider_closes_the_client(gateway, backend):
 
 
 async def test_a_normal_close_from_the_server_is_final_unless_configured(gateway, backend):
-    async def bye(ws, request):
-        await ws.close(code=1000, message=b"done")
-
-    b = await backend(handler=bye)
-    gw = await gateway(proxy_config(b.url))
+    gw, _ = await closing(gateway, backend, (1000, "done"))
     client = GatewayClient(gw.url + "/ws", backoff=FAST)
     await client.connect()
     await until(lambda: asyncio.sleep(0, client.state is State.CLOSED), what="closed")
@@ -248,13 +253,7 @@ async def test_a_normal_close_from_the_server_is_final_unless_configured(gateway
 
 # ---------------------------------------------------------------- backoff
 async def test_1013_backs_off_longer_than_other_drops(gateway, backend):
-    codes = iter([1013, 1013, 1011, 4000])
-
-    async def closer(ws, request):
-        await ws.close(code=next(codes, 1000), message=b"")
-
-    b = await backend(handler=closer)
-    gw = await gateway(proxy_config(b.url))
+    gw, _ = await closing(gateway, backend, (1013, ""), (1013, ""), (1011, ""), (4000, ""))
     draws = itertools.cycle([0.5])
     client = GatewayClient(gw.url + "/ws", backoff=Backoff(base_s=0.02, max_s=1, try_again_min_s=0.2,
                                                            random=lambda: next(draws)))
