@@ -74,13 +74,8 @@ class Drainer:
         items = []
         for s in live:
             token, th = tokens.new(s.session_id)
-            rec = cluster.record(s)
-            rec["state"] = "detached"
-            rec["backend"] = s.backend
-            if s.rel is not None:
-                rec["reliable"] = 1   # its replay ends with its counts (replay.Capture.end)
             issued.append((s, token, th))
-            items.append(Parked(rec, th, cfg.resume_window_s, check_subject=s.route.wants_token))
+            items.append(self._parked(s, th))
         # Ops queued for these sessions land first, so none overwrites its detached record.
         await cluster.flush_now()
         try:
@@ -99,12 +94,48 @@ class Drainer:
                 asyncio.ensure_future(self._forget(s, th))
                 continue
             cluster.detached(s)
-            capture = Capture(s, cluster.store.detached, cfg, s.limits.max_message_bytes, deadline)
-            self.captures.add(capture)
-            capture.done.add_done_callback(lambda _f, c=capture: self.captures.discard(c))
-            s.drain(capture, cfg.close_code, tokens.reason(token))
+            s.drain(self._capture(s, deadline), cfg.close_code, tokens.reason(token))
             detached += 1
         return detached
+
+    def _parked(self, s, th: str) -> Parked:
+        """The detached record of `s`, resumable with the token whose hash is `th`."""
+        rec = self.cluster.record(s)
+        rec["state"] = "detached"
+        rec["backend"] = s.backend
+        if s.rel is not None:
+            rec["reliable"] = 1   # its replay ends with its counts (replay.Capture.end)
+        return Parked(rec, th, self.node.config.drain.resume_window_s, check_subject=s.route.wants_token)
+
+    def _capture(self, s, deadline: float) -> Capture:
+        capture = Capture(s, self.cluster.store.detached, self.node.config.drain, s.limits.max_message_bytes,
+                          deadline)
+        self.captures.add(capture)
+        capture.done.add_done_callback(lambda _f, c=capture: self.captures.discard(c))
+        return capture
+
+    def dropped(self, s) -> bool:
+        """A reliable session's client went without a close (docs/reliable.md): park it
+        as `detach` does, resumable with its hello's token, and keep what the client
+        missed. False when it cannot be (closing already, mid-move): it ends as usual."""
+        if s.client.received or not detachable(s):
+            return False
+        self.cluster.detached(s)
+        capture = self._capture(s, self.node.loop.time() + self.node.config.drain.timeout_s)
+        capture.after(self._park_dropped(s, self._parked(s, s.rel.token_hash)))
+        s.dropped(capture)
+        event(log, "reliable_dropped", conn=s.id, session=s.session_id, unacked=len(s.rel.window))
+        return True
+
+    async def _park_dropped(self, s, item: Parked) -> bool:
+        try:
+            await self.cluster.flush_now()
+            await self.cluster.store.detached.park([item])
+            return True
+        except StoreUnavailable:
+            event(log, "drop_without_resume", logging.ERROR, session=s.session_id, why="session store unreachable")
+            metrics.resume_refusals.labels("store_unreachable_at_drop").inc()
+            return False
 
     async def _forget(self, s, th: str) -> None:
         store = self.cluster.store.detached

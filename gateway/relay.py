@@ -1010,6 +1010,13 @@ class ReliableSession(Session):
         b0, length, hlen, _ = h
         return self.send_message(b0 & 0x0F, frame_bytes[hlen:hlen + length])
 
+    # ------------------------------------------------------------ teardown
+    def client_lost(self) -> None:
+        """Gone without a close: parked for a resume (drain.Drainer.dropped), when it can be."""
+        drainer = self.node.drainer
+        if drainer is None or not drainer.dropped(self):
+            Session.client_lost(self)
+
     # ------------------------------------------------------- backpressure
     def unstalled(self, client_side: bool) -> None:
         Session.unstalled(self, client_side)

@@ -29,6 +29,7 @@ from . import frames, metrics, reliable
 from .errors import PROTOCOL_ERROR, StoreUnavailable
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_header
 from .logs import event
+from .closing import Closing
 from .seam import Side
 from .session import Event, State, advance
 
@@ -173,6 +174,20 @@ class Capture:
         self._kick()
 
     # ------------------------------------------------------------ to the store
+    def after(self, parking) -> None:
+        """Hold the writes until `parking` (awaitable: True once the detached record
+        is written) is done: an unplanned drop parks the session after the fact."""
+        async def wait() -> None:
+            try:
+                parked = await parking
+            finally:
+                self.writer = None
+            if parked:
+                self._kick()
+            else:
+                self._give_up("session store unreachable")
+        self.writer = asyncio.ensure_future(wait())
+
     def _kick(self) -> None:
         if self.writer is None and not self.done.done():
             self.writer = asyncio.ensure_future(self._write())
@@ -242,6 +257,15 @@ class Draining:
         self.state = advance(self.state, Event.DRAIN)
         self.capture = capture
         self.gateway_close(code, reason)
+
+    def dropped(self, capture: Capture) -> None:
+        """A reliable session's client went without a close (docs/reliable.md): keep
+        the session as a drain does, with no close to send: what the upstream sends
+        goes to the buffer, and the upstream is closed now (its close seals it)."""
+        self.state = advance(self.state, Event.DROPPED)
+        self.capture = capture
+        self._capture_upstream()
+        Closing.client_lost(self)
 
     def _capture_upstream(self) -> None:
         """The drain's close frame just went to the client, at a frame boundary:

@@ -36,7 +36,8 @@ class State(enum.IntEnum):
     CLOSED = 4      # every socket gone; counted and logged
     REFUSED = 5     # answered with an HTTP error; waiting for the socket to go
     DRAINING = 6    # the node drains: the client is closed (1012), the upstream kept until it closes,
-                    # what was meant for the client buffered for the resume (replay.py)
+                    # what was meant for the client buffered for the resume (replay.py); or a reliable
+                    # client dropped without a close: the same, with the upstream closed at once
     DETACHED = 7    # no client connection; the session waits for one to resume it, upstream kept
 
 
@@ -46,6 +47,7 @@ class Event(enum.Enum):
     UPGRADED = "upgraded"                # 101 sent, relay running
     CLOSE_STARTED = "close_started"      # a side (client, upstream, gateway) started closing
     DRAIN = "drain"                      # the node began draining this session
+    DROPPED = "dropped"                  # a reliable client's connection went without a close: kept as drained
     CLIENT_DETACHED = "client_detached"  # the client's connection ended; the session stays
     RESUMED = "resumed"                  # a new client connection took the session over
     LOST = "lost"                        # the last socket is gone (or the session was given up)
@@ -55,7 +57,7 @@ TRANSITIONS: dict[State, dict[Event, State]] = {
     State.HANDSHAKE: {Event.REQUEST: State.CONNECTING, Event.REFUSED: State.REFUSED, Event.LOST: State.CLOSED},
     State.CONNECTING: {Event.UPGRADED: State.OPEN, Event.REFUSED: State.REFUSED, Event.LOST: State.CLOSED},
     State.REFUSED: {Event.LOST: State.CLOSED},
-    State.OPEN: {Event.CLOSE_STARTED: State.CLOSING, Event.DRAIN: State.DRAINING,
+    State.OPEN: {Event.CLOSE_STARTED: State.CLOSING, Event.DRAIN: State.DRAINING, Event.DROPPED: State.DRAINING,
                  Event.CLIENT_DETACHED: State.DETACHED, Event.LOST: State.CLOSED},
     # The drain's close to the client is a close that keeps the session: still draining.
     State.DRAINING: {Event.CLIENT_DETACHED: State.DETACHED, Event.CLOSE_STARTED: State.DRAINING,

@@ -314,3 +314,53 @@ async def test_a_drained_reliable_session_resumes_with_last_on_another_node(gate
     assert s.rel.window.first == last + 1
     again.ack()
     await until(lambda: _async(s.rel.window.first > last + 30), what="acked on B")
+
+
+# ------------------------------------------------------------ an unplanned drop
+async def gone_from(gw, sid: str) -> bool:
+    return not any(s.session_id == sid for s in gw.node.sessions.values())
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_missed(
+        gateway, request, numbered, jwt_env, store):
+    """The client's TCP goes without a close. What the gateway sent and the client did
+    not ack is replayed after `last`; what the client wrote and the gateway never took
+    (its send buffer, lost with the connection) is sent again after `up`."""
+    if store == "redis":
+        url = request.getfixturevalue("redis_server").url
+        a = await gateway(node_cfg("node-a", url, numbered.url, ack_every=5, ack_ms=20))
+        b = await gateway(node_cfg("node-b", url, numbered.url, ack_every=5, ack_ms=20))
+    else:
+        a = b = await gateway(node_cfg("node-a", None, numbered.url, ack_every=5, ack_ms=20))
+    token = jwt_for("carol")
+    peer = await Peer.connect(a.url, query=f"?access_token={token}")
+    sid = peer.hello["session"]
+    for i in range(1, 11):
+        peer.send(f"c{i}")
+    await peer.read_until(lambda: len(peer.got) >= 20 and peer.acks and peer.acks[-1] == 10, "traffic and acks")
+    peer.ack(5)
+    await until(lambda: _async(len(numbered.got[sid]) == 10), what="the backend got c1..c10")
+    # c11..c13 never leave the client (a library's queue while the network is gone).
+    peer.sent += 3
+    peer.raw.writer.transport.abort()
+    await until(lambda: gone_from(a, sid), what="the session left node A")
+    kept = min(len(peer.got), 12)    # it lost some of what it had read too
+    del peer.got[kept:]
+    resumed_from = numbered.handshakes[-1]
+    again = await Peer.connect(b.url, query=f"?access_token={token}&resume={peer.hello['token']}&last={kept}")
+    assert again.hello["session"] == sid and again.hello["down"] == kept
+    up = again.hello["up"]
+    assert up == len(numbered.got[sid]) == 10
+    for i in range(up + 1, 21):        # what the gateway did not take, then new ones
+        again.send(f"c{i}")
+    again.got = list(peer.got)
+    await again.read_until(lambda: len(again.got) >= kept + 40, "40 more after the resume")
+    assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
+    await until(lambda: _async(len(numbered.got[sid]) == 20), what="the backend got c1..c20")
+    assert numbered.got[sid] == [f"c{i}" for i in range(1, 21)]
+    assert numbered.handshakes[-1] is not resumed_from
+    assert numbered.handshakes[-1]["Gateway-Session-Id"] == sid
+    assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+    # The hello's token was single use; the new one resumes the next drop.
+    assert again.hello["token"] != peer.hello["token"]
