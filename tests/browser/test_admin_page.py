@@ -23,17 +23,19 @@ CLIENTS = 5
 BOUND_S = 15.0   # every wait on the page is bounded by this
 
 
-def gateway_config(backend_url: str) -> dict:
+def gateway_config(backend_url: str, ping_interval_s: float = 1) -> dict:
     # ping_interval_s 1: sessions tick (and flush their message counts) every second;
     # announce_s: the drained node stays up, draining, for the rest of the test.
-    return proxy_config(backend_url, limits={"ping_interval_s": 1}, drain={"announce_s": 60, "timeout_s": 120})
+    return proxy_config(backend_url, limits={"ping_interval_s": ping_interval_s},
+                        drain={"announce_s": 60, "timeout_s": 120})
 
 
 @pytest.fixture
-async def node(tmp_path, backend, monkeypatch, http):
+async def node(tmp_path, backend, monkeypatch, http, request):
+    """A `gateway run` process; a test's indirect parameter sets its ping_interval_s."""
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
     b = await backend()
-    p = Proc(tmp_path, gateway_config(b.url))
+    p = Proc(tmp_path, gateway_config(b.url, getattr(request, "param", 1)))
     try:
         await p.ready(http)
         async with http.get(p.admin_url + "/healthz") as r:
@@ -260,6 +262,9 @@ async def test_the_page_shows_every_node_and_another_ones_drain(tmp_path, backen
             p.stop()
 
 
+# No keepalive pings within the test (a fresh session's first comes after 30 s): the
+# trace's four frames are the two messages and their echoes.
+@pytest.mark.parametrize("node", [30], indirect=True)
 async def test_trace_view_shows_a_sessions_frames_as_text(node, page, http, tmp_path: pathlib.Path):
     """Trace on a session's row, Start: its frames both ways, up to the bound, the
     first bytes as text (markup in a message stays text); Stop ends a running one."""
@@ -284,6 +289,8 @@ async def test_trace_view_shows_a_sessions_frames_as_text(node, page, http, tmp_
         assert await rows.count() == 4
         dirs = [await rows.nth(i).get_attribute("data-dir") for i in range(4)]
         assert sorted(dirs) == ["down", "down", "up", "up"], dirs
+        ops = [await rows.nth(i).locator("td:nth-child(3)").text_content() for i in range(4)]
+        assert ops == ["text"] * 4, ops
         heads = [await rows.nth(i).locator("td.head").text_content() for i in range(4)]
         assert "<b>bold 0</b>" in heads, heads
         assert await page.locator("#trace-frames-table b").count() == 0   # text, never markup
