@@ -268,7 +268,20 @@ async def test_1013_backs_off_longer_than_other_drops(gateway, backend):
     await client.close()
 
 
-async def test_a_503_with_retry_after_is_waited_out_and_the_attempt_counter_resets_once_stable(gateway):
+@pytest.mark.parametrize("step_s, windows", [(0.0, [0.02, 0.04, 0.08]), (10.0, [0.02, 0.02, 0.02])])
+async def test_the_attempt_counter_resets_once_a_connection_stayed_open(gateway, backend, step_s, windows):
+    """With an injected clock: connections that lasted stable_after_s (5 s) start the backoff over."""
+    gw, _ = await closing(gateway, backend, (1011, ""), (1011, ""), (1011, ""))
+    ticks = itertools.count(0.0, step_s)
+    client = GatewayClient(gw.url + "/ws", clock=lambda: next(ticks),
+                           backoff=Backoff(base_s=0.02, max_s=1, random=lambda: 0.5))
+    await client.connect()
+    await until(lambda: asyncio.sleep(0, client.state is State.CLOSED), timeout_s=BOUND_S, what="the final 1000")
+    assert list(client.delays) == [("reconnect", pytest.approx(w / 2)) for w in windows]
+    await client.close()
+
+
+async def test_a_503_with_retry_after_is_waited_out_with_jitter(gateway):
     gw = await gateway(echo_config(limits={"max_connections": 0}))   # every upgrade: 503, Retry-After: 5
     draws = itertools.cycle([0.5])
     client = GatewayClient(gw.url + "/echo", backoff=Backoff(max_s=0.3, retry_after_jitter_s=0.1,
