@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
+import hmac
 import itertools
 import logging
 
@@ -165,6 +166,8 @@ class Delivery:
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
+        if op == "takeover":
+            return {"n": 1 if self._drop_here(s, h["th"]) else 0}
         if op == "conn":
             return {"n": 1 if s.send_message(h["opcode"], payload) else 0}
         if op == "close":
@@ -289,6 +292,33 @@ class Delivery:
             return {"delivered": 1, "buffered": 1}
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
         return {"delivered": answer.get("n", 0)}
+
+    async def take_over(self, sid: str, token_hash: str) -> bool:
+        """A reliable session's client resumes while its old connection still looks
+        alive (half-open, docs/reliable.md): the node holding it drops that connection
+        now, which parks the session as a real drop does. True when a node did; the
+        resume then waits for the seal. `token_hash`: of the hello's token, which only
+        that node knows, so nobody else can have a live session cut."""
+        s = self.local(sid)
+        if s is not None:
+            return self._drop_here(s, token_hash)
+        try:
+            rec = await self._where(sid)
+            if rec is None or rec.get("node") in (None, DETACHED_NODE, self.node_id):
+                return False
+            answers, _ = await self._ask([rec["node"]], {"op": "takeover", "id": sid, "th": token_hash})
+        except StoreUnavailable:
+            return False
+        return bool(answers.get(rec["node"], {}).get("n"))
+
+    @staticmethod
+    def _drop_here(s, token_hash: str) -> bool:
+        rel = s.rel
+        if rel is None or s.state is not State.OPEN or not hmac.compare_digest(rel.token_hash, token_hash):
+            return False
+        event(log, "reliable_takeover", conn=s.id, session=s.session_id)
+        s.transport.abort()   # its connection_lost parks it (drain.Drainer.dropped)
+        return True
 
     async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
         s = self.local(any_id)

@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.resume")
 
 LEASE_S = 30.0        # a resume must finish within this, or another node may take the session
 SEAL_WAIT_S = 3.0     # how long a resume waits for the draining node to seal the buffer
+TAKEOVER_WAIT_S = 2.0  # ... and for a half-open reliable session's node to park it (docs/reliable.md)
 
 _REFUSALS = {
     d.UNKNOWN: (401, "resume refused: unknown session (token forged, or forgotten since)"),
@@ -86,15 +87,24 @@ async def claim(node, raw: str, token: str | None):
     sub = claims.get("sub") if claims and isinstance(claims.get("sub"), str) else None
     loop = asyncio.get_running_loop()
     wait_until = loop.time() + SEAL_WAIT_S
+    taking_over = False
     while True:
         try:
             status, rec = await store.take(sid, th, sub, node.node_id, LEASE_S)
         except StoreUnavailable:
             raise Refusal(503, "resume refused: session store unreachable; retry",
                           metric="resume_store_unavailable", headers=(("Retry-After", "2"),)) from None
-        if status != d.PENDING or loop.time() >= wait_until:
+        if status == d.UNKNOWN and not taking_over and refusal is None:
+            # Not detached: a reliable session whose old connection still looks alive is let go now.
+            taking_over = await node.cluster.delivery.take_over(sid, th)
+            wait_until = loop.time() + TAKEOVER_WAIT_S
+        if not (status == d.PENDING or taking_over and status == d.UNKNOWN) or loop.time() >= wait_until:
             break
         await asyncio.sleep(0.05)
+    if taking_over and status in (d.UNKNOWN, d.PENDING):
+        metrics.resume_refusals.labels("takeover").inc()
+        raise Refusal(503, "resume refused: the session's old connection is still being let go; retry",
+                      metric="resume_takeover", headers=(("Retry-After", "1"),))
     if status == d.SUBJECT and refusal is not None:
         raise refusal   # the credentials themselves were refused: say why
     if status != d.OK:

@@ -364,3 +364,97 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
     assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
     # The hello's token was single use; the new one resumes the next drop.
     assert again.hello["token"] != peer.hello["token"]
+
+
+# ------------------------------------------------------------ half-open
+class Blackhole:
+    """A TCP proxy that can stop forwarding without closing anything: what a NAT
+    timeout or a dead wifi leaves behind (both ends still think the connection lives)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.frozen = False
+        self.server = None
+        self.port = 0
+        self.tasks: list[asyncio.Task] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        self.tasks += [asyncio.ensure_future(self._pump(reader, up_writer)),
+                       asyncio.ensure_future(self._pump(up_reader, writer))]
+
+    async def _pump(self, reader, writer) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                writer.close()
+                return
+            if not self.frozen:      # frozen: what is in flight is lost, nothing is closed
+                writer.write(data)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for w in self.writers:
+            w.transport.abort()
+        self.server.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_half_open_session_is_taken_over_by_the_resume(gateway, request, numbered, jwt_env, store):
+    if store == "redis":
+        url = request.getfixturevalue("redis_server").url
+        a = await gateway(node_cfg("node-a", url, numbered.url))
+        b = await gateway(node_cfg("node-b", url, numbered.url))
+    else:
+        a = b = await gateway(node_cfg("node-a", None, numbered.url))
+    hole = Blackhole(a.ports[0])
+    await hole.start()
+    try:
+        token = jwt_for("dave")
+        peer = await Peer.connect(f"ws://127.0.0.1:{hole.port}", query=f"?access_token={token}")
+        sid = peer.hello["session"]
+        for i in range(1, 6):
+            peer.send(f"c{i}")
+        await peer.read_until(lambda: len(peer.got) >= 10, "traffic through the proxy")
+        await until(lambda: _async(len(numbered.got[sid]) == 5), what="the backend got c1..c5")
+        hole.frozen = True
+        peer.send("c6")                       # lost in the network
+        sent_before = numbered.sent[sid]
+        await until(lambda: _async(numbered.sent[sid] >= sent_before + 20), what="the backend sends on")
+        assert not await gone_from(a, sid)     # node A still thinks the old connection lives
+        last = len(peer.got)
+        again = await Peer.connect(b.url, query=f"?access_token={token}&resume={peer.hello['token']}&last={last}")
+        assert again.hello["session"] == sid and again.hello["up"] == 5 and again.hello["down"] == last
+        for i in range(6, 11):
+            again.send(f"c{i}")
+        again.got = list(peer.got)
+        await again.read_until(lambda: len(again.got) >= sent_before + 40, "what the backend sent meanwhile, and more")
+        assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
+        await until(lambda: _async(len(numbered.got[sid]) == 10), what="the backend got c1..c10")
+        assert numbered.got[sid] == [f"c{i}" for i in range(1, 11)]
+        assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+        assert await gone_from(a, sid) or a is b
+    finally:
+        await hole.stop()
+
+
+async def test_a_resume_with_a_wrong_token_does_not_cut_a_live_session(gateway, redis_server, numbered, jwt_env):
+    a = await gateway(node_cfg("node-a", redis_server.url, numbered.url))
+    b = await gateway(node_cfg("node-b", redis_server.url, numbered.url))
+    token = jwt_for("erin")
+    peer = await Peer.connect(a.url, query=f"?access_token={token}")
+    sid = peer.hello["session"]
+    forged = f"{sid}.{'x' * 22}"
+    raw = await RawClient.connect(f"{b.url}/ws?access_token={token}&resume={forged}&last=0",
+                                  {"Sec-WebSocket-Protocol": PROTO})
+    assert raw.status == 401
+    n = len(peer.got)
+    await peer.read_until(lambda: len(peer.got) >= n + 10, "the old connection goes on")
+    assert not await gone_from(a, sid)
