@@ -458,3 +458,54 @@ async def test_a_resume_with_a_wrong_token_does_not_cut_a_live_session(gateway, 
     n = len(peer.got)
     await peer.read_until(lambda: len(peer.got) >= n + 10, "the old connection goes on")
     assert not await gone_from(a, sid)
+
+
+# ------------------------------------------------------------ refusals
+async def refused(url: str, protocols: str | None = PROTO) -> tuple[int, str]:
+    raw = await RawClient.connect(url, {"Sec-WebSocket-Protocol": protocols} if protocols else {})
+    body = json.loads(await asyncio.wait_for(raw.reader.read(), 5)) if raw.status != 101 else {}
+    raw.writer.close()
+    return raw.status, body.get("error", "")
+
+
+async def dropped_session(gateway, numbered, **drain) -> tuple:
+    """A reliable session that read 20, acked 10, and lost its connection."""
+    cfg = node_cfg("node-a", None, numbered.url)
+    cfg["drain"].update(drain)
+    gw = await gateway(cfg)
+    token = jwt_for("frank")
+    peer = await Peer.connect(gw.url, query=f"?access_token={token}")
+    await peer.read_until(lambda: len(peer.got) >= 20, "20 read")
+    peer.ack(10)
+    await until(lambda: _async(session_of(gw).rel.window.first == 11), what="ack taken")
+    sid = peer.hello["session"]
+    peer.raw.writer.transport.abort()
+    await until(lambda: gone_from(gw, sid), what="parked")
+    return gw, peer, f"{gw.url}/ws?access_token={token}&resume={peer.hello['token']}"
+
+
+async def test_resume_refusals_say_why_and_leave_the_session_for_a_right_one(gateway, numbered, jwt_env):
+    gw, peer, url = await dropped_session(gateway, numbered)
+    status, why = await refused(f"{url}&last=5")             # 6..10 were acked and dropped
+    assert status == 410 and why.startswith("resume refused: window"), why
+    status, why = await refused(f"{url}&last=100000")
+    assert status == 400 and why.startswith("resume refused: last out of range"), why
+    status, why = await refused(url)
+    assert status == 400 and "last=" in why
+    status, why = await refused(f"{url}&last=-1")
+    assert status == 400 and "last must be a count" in why
+    status, why = await refused(f"{url}&last=12", protocols=None)
+    assert status == 400 and PROTO in why
+    # None of these took the session: the right resume still gets all it missed.
+    again = await Peer.connect(gw.url, query=url[len(gw.url) + 3:] + "&last=12")
+    assert again.hello["down"] == 12
+    await again.read_until(lambda: len(again.got) >= 30, "the replay from 13")
+    assert again.got[:30] == [f"s{i}".encode() for i in range(13, 43)]
+    status, why = await refused(f"{url}&last=12")             # single use
+    assert status == 410 and "resumed already" in why
+
+
+async def test_a_replay_buffer_that_overflowed_is_refused_not_half_served(gateway, numbered, jwt_env):
+    gw, peer, url = await dropped_session(gateway, numbered, replay_max_messages=5)
+    status, why = await refused(f"{url}&last=20")
+    assert status == 410 and "overflowed" in why, why
