@@ -206,6 +206,13 @@ class Gateway:
         await self.start()
         await self.stopping.wait()
         await self.stop()
+        # Stopped, but the interpreter still has to wind down, and closing the
+        # loop would put these signals back to their default action: a SIGTERM
+        # then (the kubelet's, after a preStop drain that finished first) would
+        # kill the process and turn its exit 0 into 143. Nothing is left to stop.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def run(cfg: config_mod.Config, *, reuse_port: bool = False, worker: int | None = None) -> None:
