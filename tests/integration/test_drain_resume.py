@@ -337,8 +337,12 @@ async def test_a_resume_that_fails_half_way_does_not_burn_the_session(gateway, r
     from gateway import tokens as tk
 
     _, th = tk.parse(token)
-    status, _ = await b.cluster.store.detached.take(sid, th, "hank", "vanished-node", 0.5)
-    assert status == OK
+
+    async def taken():
+        # The 502 leaves before node B has released its lease: until then a take is LEASED.
+        status, _ = await b.cluster.store.detached.take(sid, th, "hank", "vanished-node", 0.5)
+        return status == OK
+    await until(taken, what="the lease of the failed attempt released, then taken by another node")
     raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('hank')}&resume={token}")
     assert raw.status == 503 and raw.headers.get("retry-after")
 
