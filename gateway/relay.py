@@ -733,9 +733,7 @@ class Session(Closing, Seam, Moving, Draining):
             if self.ping_due:
                 # No byte from a peer for a whole ping interval after a ping.
                 if not self.c_seen:
-                    self._start_closing(1006, "keepalive timeout", "gateway")
-                    self._send_upstream_close(GOING_AWAY, "client keepalive timed out")
-                    self._abort_client()
+                    self._client_timed_out()
                     return
                 if upstream and not self.u_seen:
                     self._upstream_failed("upstream keepalive timed out")
@@ -746,6 +744,12 @@ class Session(Closing, Seam, Moving, Draining):
             if upstream:
                 self._send_upstream(b"\x89\x80\x00\x00\x00\x00")
         self.timer = node.loop.call_later(lim.tick_s, self._tick)
+
+    def _client_timed_out(self) -> None:
+        """No byte from the client for a whole ping interval after a ping."""
+        self._start_closing(1006, "keepalive timeout", "gateway")
+        self._send_upstream_close(GOING_AWAY, "client keepalive timed out")
+        self._abort_client()
 
     # ------------------------------------------------------------ debug trace
     def trace_on(self, trace) -> None:
@@ -925,7 +929,15 @@ class ReliableSession(Session):
         """Every read from the upstream: whole messages, each sent with its kind byte and kept."""
         self.u_seen = True
         self.u_bytes += len(data)
-        if self.u_buf:
+        if self.u_need:   # a frame still arriving: appended, O(1) amortised
+            buf = self.u_buf
+            buf += data
+            if len(buf) < self.u_need:
+                return
+            data = bytes(buf)
+            self.u_buf = b""
+            self.u_need = 0
+        elif self.u_buf:
             data = self.u_buf + data
             self.u_buf = b""
         if self.upstream.received:
@@ -949,7 +961,8 @@ class ReliableSession(Session):
                 self._upstream_failed("upstream message over max_message_bytes", MESSAGE_TOO_BIG)
                 return
             if end > n:
-                self.u_buf = data[pos:]   # bounded: max_message_bytes, or a control frame
+                self.u_buf = bytearray(data[pos:])   # bounded: max_message_bytes, or a control frame
+                self.u_need = end - pos
                 return
             payload = data[pos + hlen:end]
             if opcode >= 8:
@@ -1016,6 +1029,11 @@ class ReliableSession(Session):
         drainer = self.node.drainer
         if drainer is None or not drainer.dropped(self):
             Session.client_lost(self)
+
+    def _client_timed_out(self) -> None:
+        """A client that stopped answering may come back (a dead wifi, a NAT timeout):
+        its transport is let go, and its loss parks the session (client_lost)."""
+        self.transport.abort()
 
     # ------------------------------------------------------- backpressure
     def unstalled(self, client_side: bool) -> None:

@@ -70,6 +70,7 @@ class Peer:
             self.close = frames.parse_close(payload)
             return
         if op == frames.OP_PING:
+            self.raw.send_frame(frames.OP_PONG, payload)
             return
         kind, rest = payload[:1], payload[1:]
         if kind == b"d":
@@ -445,6 +446,29 @@ async def test_a_half_open_session_is_taken_over_by_the_resume(gateway, request,
         await hole.stop()
 
 
+async def test_a_keepalive_timeout_parks_a_reliable_session(gateway, numbered, jwt_env):
+    cfg = node_cfg("node-a", None, numbered.url)
+    cfg["limits"] = {"ping_interval_s": 0.1}
+    gw = await gateway(cfg)
+    hole = Blackhole(gw.ports[0])
+    await hole.start()
+    try:
+        token = jwt_for("gina")
+        peer = await Peer.connect(f"ws://127.0.0.1:{hole.port}", query=f"?access_token={token}")
+        sid = peer.hello["session"]
+        await peer.read_until(lambda: len(peer.got) >= 200, "traffic through the proxy, pings answered")
+        assert not await gone_from(gw, sid)
+        hole.frozen = True   # pings unanswered from here
+        await until(lambda: gone_from(gw, sid), what="parked after the keepalive timeout")
+        last = len(peer.got)
+        again = await Peer.connect(gw.url, query=f"?access_token={token}&resume={peer.hello['token']}&last={last}")
+        again.got = list(peer.got)
+        await again.read_until(lambda: len(again.got) >= last + 20, "the replay and more")
+        assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
+    finally:
+        await hole.stop()
+
+
 async def test_a_resume_with_a_wrong_token_does_not_cut_a_live_session(gateway, redis_server, numbered, jwt_env):
     a = await gateway(node_cfg("node-a", redis_server.url, numbered.url))
     b = await gateway(node_cfg("node-b", redis_server.url, numbered.url))
@@ -509,3 +533,19 @@ async def test_a_replay_buffer_that_overflowed_is_refused_not_half_served(gatewa
     gw, peer, url = await dropped_session(gateway, numbered, replay_max_messages=5)
     status, why = await refused(f"{url}&last=20")
     assert status == 410 and "overflowed" in why, why
+
+
+async def test_large_and_fragmented_messages_cross_whole_both_ways(gateway, backend):
+    """A client message in three fragments reaches the backend whole without its kind
+    byte; the 300 KB echo comes back over many reads, whole, with one."""
+    b = await backend(compress=False)
+    gw = await gateway(reliable_cfg(b.url))
+    peer = await Peer.connect(gw.url)
+    big = bytes(range(256)) * 1200
+    peer.raw.send_frame(OP_BINARY, b"d" + big[:100_000], fin=False)
+    peer.raw.send_frame(frames.OP_CONT, big[100_000:200_000], fin=False)
+    peer.raw.send_frame(frames.OP_CONT, big[200_000:], fin=True)
+    await peer.read_until(lambda: peer.got, "the echo")
+    assert peer.got == [big] and peer.kinds == [OP_BINARY]
+    assert b.received[0][1] == big
+    assert session_of(gw).rel.window.size == len(big)
