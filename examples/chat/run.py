@@ -148,6 +148,12 @@ async def main(args: argparse.Namespace) -> int:
         running[label] = proc
         relays.append(r)
 
+    # Ctrl-C or SIGTERM at any moment, even while starting, ends in the cleanup below:
+    # no gateway or backend is left running without this script.
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, me.cancel)
     try:
         for label, argv in gateways:
             await start(label, argv)
@@ -156,18 +162,14 @@ async def main(args: argparse.Namespace) -> int:
             await ready(f"http://127.0.0.1:{args.admin_port + i}/readyz", running[label], label)
         await ready(f"http://127.0.0.1:{args.backend_port}/config.json", running["backend"], "backend")
         banner(args, env, demo_secret)
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        stopping = asyncio.ensure_future(stop.wait())
-        while not stop.is_set():
+        while True:
             exits = {asyncio.ensure_future(p.wait()): label for label, p in running.items()}
-            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-            for task in exits:
-                task.cancel()
-            for task in done - {stopping}:
+            try:
+                done, _ = await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in exits:
+                    task.cancel()
+            for task in done:
                 label = exits[task]
                 code = running[label].returncode
                 if label == "backend" or code != 0:
@@ -177,8 +179,12 @@ async def main(args: argparse.Namespace) -> int:
                 # as Kubernetes replaces a pod, so the demo can be drained again and again.
                 print(f"{label} drained and exited; starting it again", flush=True)
                 await start(label, dict(gateways)[label])
+    except asyncio.CancelledError:
         return 0
     finally:
+        # A second Ctrl-C while stopping: do not wait for the drains.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: [p.kill() for p in running.values() if p.returncode is None])
         # The gateways first: a drain sends each session's disconnect to the backend.
         for label, p in running.items():
             if p.returncode is None:
