@@ -4,11 +4,14 @@ The npm devDependencies are installed once (`npm ci` from the committed
 package-lock.json, into clients/js/node_modules); an install that fails fails
 the tests. The unit and React tests need no gateway; test/gateway.test.js
 runs against two real gateway nodes sharing a real redis-server, and what
-its client sent is checked here at the backend: nothing lost or twice."""
+its client sent is checked here at the backend: nothing lost or twice, through
+a drain and, in reliable mode, through TCP connections cut without a close by
+a proxy the JS test puts between the client and the gateway."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -98,6 +101,11 @@ async def test_on_the_runtimes_own_websocket(node_modules):
     assert_ran(rc, output, at_least=3)
 
 
+async def got_all(numbered: NumberedBackend, sid: str, count: int) -> None:
+    await until(lambda: asyncio.sleep(0, len(numbered.got[sid]) >= count),
+                what=f"the backend got all {count} client messages of {sid}")
+
+
 def node_cfg(node_id: str, redis_url: str, numbered_url: str, echo_url: str) -> dict:
     return {
         "node_id": node_id,
@@ -109,6 +117,8 @@ def node_cfg(node_id: str, redis_url: str, numbered_url: str, echo_url: str) -> 
                      "echo": {"type": "builtin", "handler": "echo"},
                      "ws-echo": {"type": "websocket", "endpoints": [echo_url]}},
         "routes": [{"name": "num", "match": {"path": "/num"}, "auth": "required", "backend": "num"},
+                   {"name": "rel", "match": {"path": "/rel"}, "auth": "required", "backend": "num",
+                    "reliable": {"ack_every": 16, "ack_ms": 50}},
                    {"name": "echo", "match": {"path": "/echo"}, "auth": "required", "backend": "echo"},
                    {"name": "ws-echo", "match": {"path": "/ws-echo"}, "auth": "required", "backend": "ws-echo"}],
     }
@@ -132,23 +142,40 @@ async def test_js_client_against_two_gateway_nodes(node_modules, gateway, backen
             await a.stop()
 
         drainer = asyncio.ensure_future(stop_when_drained())
-        result = tmp_path / "drain.json"
+        result, cut_result = tmp_path / "drain.json", tmp_path / "cut.json"
         rc, output = await run_node("--test", "test/gateway.test.js", env={
             "JS_GW_A": a.url, "JS_GW_B": b.url, "JS_GW_ADMIN_A": a.admin_url, "JS_GW_ADMIN_TOKEN": ADMIN_TOKEN,
-            "JS_GW_JWT_SECRET": SECRET, "JS_GW_RESULT": str(result)})
-        assert_ran(rc, output, at_least=6)
+            "JS_GW_JWT_SECRET": SECRET, "JS_GW_RESULT": str(result), "JS_GW_RESULT_CUT": str(cut_result)})
+        assert_ran(rc, output, at_least=8)
         await asyncio.wait_for(drainer, 10)
         # The bearer subprotocol carried the token and went no further.
         (offer,) = [h.get("Sec-WebSocket-Protocol") for h in echo.requests]
         assert offer is None, offer
 
+        # The sessions by what their client said: c1... (drain), p1... (reliable), r1... (cut).
+        by_prefix = {msgs[0][0]: sid for sid, msgs in numbered.got.items()}
+        assert sorted(by_prefix) == ["c", "p", "r"], {sid: m[:3] for sid, m in numbered.got.items()}
+        opened = collections.defaultdict(list)   # session -> Gateway-Resumed of each upstream connection
+        for h in numbered.handshakes:
+            opened[h["Gateway-Session-Id"]].append(h.get("Gateway-Resumed"))
+
+        # The reliable session: plain messages at the backend, no kind byte.
+        await got_all(numbered, by_prefix["p"], 30)
+        assert numbered.got[by_prefix["p"]] == [f"p{i}" for i in range(1, 31)]
+
+        # The cut test: one session, resumed twice on the same node; every message once, in order.
+        cut = json.loads(cut_result.read_text())
+        sid = by_prefix["r"]
+        assert opened[sid] == [None, "1", "1"]
+        await got_all(numbered, sid, cut["sent"])
+        assert contiguous("r", numbered.got[sid]) == cut["sent"]
+        assert cut["received"] >= 90 and numbered.sent[sid] >= cut["received"]
+
         # The backend's side of the drain test: one session, opened on A, resumed on B.
         drain = json.loads(result.read_text())
-        assert list(numbered.got) == [sid := numbered.handshakes[0]["Gateway-Session-Id"]], numbered.got.keys()
-        assert [h.get("Gateway-Resumed") for h in numbered.handshakes] == [None, "1"]
-        assert numbered.handshakes[1]["Gateway-Session-Id"] == sid
-        await until(lambda: asyncio.sleep(0, len(numbered.got[sid]) >= drain["sent"]),
-                    what=f"the backend got all {drain['sent']} client messages")
+        sid = by_prefix["c"]
+        assert opened[sid] == [None, "1"]
+        await got_all(numbered, sid, drain["sent"])
         assert contiguous("c", numbered.got[sid]) == drain["sent"]
         assert drain["received"] >= 40 and numbered.sent[sid] >= drain["received"]
     finally:

@@ -1,7 +1,7 @@
 // The client against real gateway nodes. tests/clients/test_js_client.py
 // starts two nodes sharing a Redis (routes /echo: the builtin echo, /num: a
-// backend that numbers what it sends per session, /ws-echo: an echoing
-// WebSocket backend), and passes
+// backend that numbers what it sends per session, /rel: the same backend in
+// reliable mode, /ws-echo: an echoing WebSocket backend), and passes
 //   JS_GW_A, JS_GW_B          the nodes' ws:// base URLs
 //   JS_GW_ADMIN_A             node A's admin URL (the drain test drains it)
 //   JS_GW_ADMIN_TOKEN         its admin token
@@ -12,12 +12,14 @@
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
+import net from 'node:net';
 import { test } from 'node:test';
 
 import { GatewayClient } from '../src/index.js';
 import { next, until } from './_support.js';
 
-const NAMES = ['JS_GW_A', 'JS_GW_B', 'JS_GW_ADMIN_A', 'JS_GW_ADMIN_TOKEN', 'JS_GW_JWT_SECRET', 'JS_GW_RESULT'];
+const NAMES = ['JS_GW_A', 'JS_GW_B', 'JS_GW_ADMIN_A', 'JS_GW_ADMIN_TOKEN', 'JS_GW_JWT_SECRET', 'JS_GW_RESULT',
+  'JS_GW_RESULT_CUT'];
 const env = Object.fromEntries(NAMES.map((n) => [n, process.env[n]]));
 const missing = NAMES.filter((n) => !env[n]);
 const skip = missing.length > 0 ? `run by tests/clients/test_js_client.py (missing ${missing.join(', ')})` : false;
@@ -40,6 +42,53 @@ function contiguous(prefix, seen) {
     }
   });
   return seen.length;
+}
+
+/**
+ * A TCP proxy on 127.0.0.1 in front of `target` (a ws:// URL); `cut()` kills every
+ * connection through it without a close: both sockets reset (RST, no FIN), as a
+ * network that drops does. `url` is the proxy's, for the same path.
+ */
+async function startProxy(target) {
+  const to = new URL(target);
+  const pairs = new Set();
+  const server = net.createServer((down) => {
+    const up = net.connect(Number(to.port), to.hostname);
+    const pair = [down, up];
+    pairs.add(pair);
+    down.pipe(up);
+    up.pipe(down);
+    const gone = () => {
+      pairs.delete(pair);
+      down.destroy();
+      up.destroy();
+    };
+    down.on('error', gone).on('close', gone);
+    up.on('error', gone).on('close', gone);
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `ws://127.0.0.1:${server.address().port}`,
+    cuts: 0,
+    get connections() {
+      return pairs.size;
+    },
+    cut() {
+      this.cuts += 1;
+      for (const pair of [...pairs]) {
+        pairs.delete(pair);
+        for (const socket of pair) {
+          socket.resetAndDestroy();
+        }
+      }
+    },
+    close: () => new Promise((resolve) => {
+      for (const pair of pairs) {
+        pair.forEach((socket) => socket.destroy());
+      }
+      server.close(resolve);
+    }),
+  };
 }
 
 test('connects through the gateway with a JWT in the query and echoes', { skip }, async () => {
@@ -143,4 +192,64 @@ test('a drained node: the session resumes on the other node, numbered both ways,
     assert.equal(closes[0].willRetry, true);
     const received = contiguous('s', got);
     writeFileSync(env.JS_GW_RESULT, JSON.stringify({ sent, received, closes }));
+  });
+
+test('reliable mode: numbered both ways through the gateway; the backend sees plain messages', { skip }, async () => {
+  const c = new GatewayClient(`${env.JS_GW_B}/rel`, { token: jwt({ sub: 'erin', exp: hour() }), reliable: 'require' });
+  const got = [];
+  c.on('message', (m) => got.push(m));
+  for (let i = 1; i <= 30; i += 1) {
+    c.send(`p${i}`);
+  }
+  assert.deepEqual(await next(c, 'open'), { resumed: false });
+  await until(() => got.length >= 30, 'the backend\'s numbered messages', 10_000);
+  assert.equal(got[0], 's1', 'the app sees no kind byte');
+  contiguous('s', got);
+  await until(() => c.unacked === 0, 'the gateway acked all 30', 10_000);
+  await c.close();
+});
+
+test('reliable mode: the TCP connection cut without a close (twice): resumed, nothing lost or twice, in order',
+  { skip }, async () => {
+    const proxy = await startProxy(env.JS_GW_B);
+    const c = new GatewayClient(`${proxy.url}/rel`, { token: jwt({ sub: 'dave', exp: hour() }), reliable: 'require',
+      maxQueue: 100_000 });
+    const got = [];
+    const opens = [];
+    const closes = [];
+    const failed = [];
+    c.on('message', (m) => got.push(m));
+    c.on('open', (e) => opens.push(e));
+    c.on('close', (e) => closes.push(e));
+    c.on('resumeFailed', (e) => failed.push(e));
+    let sent = 0;
+    let sending = true;
+    const pump = (async () => {
+      while (sending) {
+        sent += 1;
+        c.send(`r${sent}`);   // kept until the gateway acks it: sent again after a cut if it did not take it
+        await sleep(5);
+      }
+    })();
+    try {
+      for (let cut = 1; cut <= 2; cut += 1) {
+        const before = got.length;
+        await until(() => got.length >= before + 30, `traffic before cut ${cut}`, 10_000);
+        proxy.cut();
+        await until(() => opens.length === cut + 1, `open again after cut ${cut}`, 15_000);
+      }
+      const through = got.length;
+      await until(() => got.length >= through + 30, 'traffic after the last cut', 10_000);
+    } finally {
+      sending = false;
+      await pump;
+    }
+    await until(() => c.unacked === 0, 'the gateway acked every message', 10_000);
+    await c.close();
+    await proxy.close();
+    assert.deepEqual(opens, [{ resumed: false }, { resumed: true }, { resumed: true }]);
+    assert.deepEqual(failed, []);
+    assert.deepEqual(closes.slice(0, 2).map((e) => [e.code, e.willRetry]), [[1006, true], [1006, true]]);
+    const received = contiguous('s', got);
+    writeFileSync(env.JS_GW_RESULT_CUT, JSON.stringify({ sent, received, closes }));
   });
