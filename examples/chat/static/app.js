@@ -13,6 +13,10 @@
 // rooms again, and their history is sent again: lines already shown are
 // recognised by their id.
 //
+// `?reliable=require` (or `prefer`) turns on the client's reliable mode, for a
+// gateway route with `reliable:` (docs/reliable.md): then a connection that
+// dies without a close (wifi lost) is resumed too, nothing lost or twice.
+//
 // `window.chat` is the page's state, for the browser console (and the tests):
 // chat.say('hi'), chat.received (every chat line as it arrived), chat.closes.
 
@@ -23,6 +27,8 @@ const MAX_SHOWN = 500;         // lines kept on screen per room
 const MAX_RECEIVED = 100_000;  // arrivals kept in chat.received
 const ROOM = /^[a-z0-9_-]{1,32}$/;
 const USER = /^[A-Za-z0-9_.-]{1,32}$/;
+// null (off), 'prefer' or 'require'; anything else is refused by the client, shown on the login form.
+const RELIABLE = new URLSearchParams(location.search).get('reliable');
 
 const chat = {
   user: null,
@@ -77,6 +83,7 @@ async function start(user, room) {
   const client = new GatewayClient(() => urls[next++ % urls.length], {
     token,
     getToken: () => tokenFor(user),   // asked again when the gateway refuses the token (expired)
+    reliable: RELIABLE,
   });
   chat.client = client;
   client.on('state', ({ to }) => showState(to));
