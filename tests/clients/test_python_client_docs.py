@@ -16,13 +16,15 @@ import yaml
 from gateway import config
 from gateway.app import Gateway
 
+from ..conftest import proxy_config
+
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "python"
 EXAMPLES = re.findall(r"```python\n(.*?)```", (CLIENT / "README.md").read_text(), re.S)
 
 
 def test_the_readme_has_the_examples():
-    assert len(EXAMPLES) == 4 and all("asyncio.run(main())" in e for e in EXAMPLES)
+    assert len(EXAMPLES) == 5 and all("asyncio.run(main())" in e for e in EXAMPLES)
 
 
 def mypy(*paths: Path) -> subprocess.CompletedProcess:
@@ -72,11 +74,23 @@ async def default_gateway():
     (2, ["state closed -> connecting", "open, resumed: False", "'event': 'joined'", "'text': 'hi'",
          "state open -> closed"]),
     (3, ['"event":"presence"']),
+    (4, ["reliable: False", "got ['n0', 'n1', 'n2'] unacked 0"]),   # /echo has no reliable: "prefer" goes plain
 ])
 async def test_readme_example_runs(default_gateway, tmp_path, i, expected):
+    await run_example(default_gateway, tmp_path, i, expected)
+
+
+async def test_the_reliable_example_is_reliable_on_a_route_with_reliable(gateway, backend, tmp_path):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url, route={"match": {"path": "/echo"}, "reliable": None}))
+    await run_example(gw.url, tmp_path, 4, ["reliable: True", "got ['n0', 'n1', 'n2'] unacked"])
+    assert [d for _, d in b.received] == ["n0", "n1", "n2"]      # the backend saw plain messages
+
+
+async def run_example(url: str, tmp_path: Path, i: int, expected: list[str]) -> None:
     path = tmp_path / f"example_{i}.py"
     path.write_text(EXAMPLES[i])
-    env = dict(os.environ, GATEWAY_URL=default_gateway, GATEWAY_JWT="")
+    env = dict(os.environ, GATEWAY_URL=url, GATEWAY_JWT="")
     proc = await asyncio.create_subprocess_exec(sys.executable, str(path), env=env, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)
     try:

@@ -1,5 +1,6 @@
 """The Python client's pure parts (clients/python/gateway_client): backoff,
-the close-code and refusal table, the outbound queue, correlation, states."""
+the close-code and refusal table, the outbound queue, correlation, states,
+and reliable mode's frames, hello, counts and window."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import pytest
 from gateway_client import Action, Backoff, GatewayClient, QueueFull, State
 from gateway_client.correlation import RequestIds, reply_id
 from gateway_client.outbox import Outbox
-from gateway_client.policy import RESUME_RETRY_REASON, after_close, after_refusal, parse_retry_after, resume_token
+from gateway_client.policy import (RESUME_RETRY_REASON, Verdict, after_close, after_refusal, after_reliable_close,
+                                   parse_retry_after, resume_token)
+from gateway_client.reliable import (ACK_EVERY, ACK_MS, Hello, ProtocolError, ReliableSession, decode_frame, encode_data,
+                                     parse_ack, parse_hello)
 from gateway_client.states import InvalidTransition, advance
 from gateway_client.transport import refusal_reason
 
@@ -227,3 +231,143 @@ def test_unknown_event_names_are_refused():
     c = GatewayClient("ws://127.0.0.1:1/")
     with pytest.raises(ValueError, match="unknown event 'opened'"):
         c.on("opened", print)  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------- reliable mode (docs/reliable.md)
+def test_reliable_frames_carry_one_kind_byte_in_the_frame_type_of_the_message():
+    assert encode_data("hi") == "dhi" and encode_data(b"\x00") == b"d\x00"
+    assert decode_frame("dhi") == ("d", "hi") and decode_frame(b"d\x00") == ("d", b"\x00")
+    assert decode_frame("a12") == ("a", "12") and decode_frame('h{"v":1}') == ("h", '{"v":1}')
+    for bad in ("", "xhi", b"", b"a12", b"h{}"):      # acks and hellos are text
+        with pytest.raises(ProtocolError, match="unknown kind byte"):
+            decode_frame(bad)
+
+
+def test_an_ack_is_plain_digits():
+    assert parse_ack("0") == 0 and parse_ack("9" * 19) == int("9" * 19)
+    assert [parse_ack(p) for p in ("", "-1", "1.0", " 1", "1x", "9" * 20, "١")] == [None] * 7
+
+
+def test_the_hello_is_checked_and_takes_the_doc_defaults():
+    h = parse_hello('{"v": 1, "session": "s", "token": "s.t", "up": 3, "down": 4}')
+    assert (h.token, h.up, h.down, h.session, h.ack_every, h.ack_ms) == ("s.t", 3, 4, "s", ACK_EVERY, ACK_MS)
+    assert (ACK_EVERY, ACK_MS) == (64, 200)
+    h = parse_hello('{"v": 1, "token": "t", "up": 0, "down": 0, "ack_every": 2, "ack_ms": 5}')
+    assert (h.session, h.ack_every, h.ack_ms) == (None, 2, 5.0)
+    for bad in ("nope", "[]", '{"v": 2, "token": "t", "up": 0, "down": 0}', '{"v": 1, "token": "", "up": 0, "down": 0}',
+                '{"v": 1, "token": "t", "up": -1, "down": 0}', '{"v": 1, "token": "t", "up": true, "down": 0}',
+                '{"v": 1, "token": "t", "up": 0, "down": 0, "ack_every": 0}',
+                '{"v": 1, "token": "t", "up": 0, "down": 0, "ack_ms": 0}'):
+        with pytest.raises(ProtocolError, match="hello"):
+            parse_hello(bad)
+
+
+def hello(up: int = 0, down: int = 0, **more) -> Hello:
+    return Hello(token=TOKEN, up=up, down=down, **more)
+
+
+def live_session(sent: int, **bounds) -> ReliableSession:
+    """A session whose first connection took its hello and wrote m1..m<sent>."""
+    rel = ReliableSession(**bounds)
+    rel.start(hello())
+    for i in range(1, sent + 1):
+        rel.push(f"m{i}")
+        assert rel.next_unsent() == f"m{i}"
+    return rel
+
+
+def test_what_was_sent_is_kept_until_acked_and_a_bad_ack_is_refused():
+    rel = live_session(5)
+    assert len(rel) == 5 and rel.unsent == 0
+    rel.on_ack("3")
+    assert (rel.base, len(rel), rel.window.at(0)) == (3, 2, "m4")
+    rel.on_ack("2")                      # lower than one seen: harmless
+    assert (rel.base, len(rel)) == (3, 2)
+    for bad in ("6", "x", ""):           # more than was sent, not a count
+        with pytest.raises(ProtocolError, match="bad ack"):
+            rel.on_ack(bad)
+    rel.on_ack("5")
+    assert len(rel) == 0 and rel.base == 5
+
+
+def test_acks_go_every_ack_every_messages_and_cover_all_received():
+    rel = ReliableSession()
+    assert rel.ack() is None                         # not live: nothing to ack on
+    rel.start(hello(ack_every=3))
+    assert [rel.on_data() for _ in range(3)] == [False, False, True]
+    assert rel.ack() == "a3" and rel.ack() is None and not rel.ack_pending
+    assert rel.on_data() is False and rel.ack_pending   # the ack_ms timer's turn
+    assert rel.ack() == "a4"
+
+
+def test_a_resume_hello_trims_what_the_gateway_took_and_the_rest_goes_again_in_order():
+    rel = live_session(5)
+    for _ in range(7):
+        rel.on_data()
+    rel.push("m6")                       # written only on the next connection
+    rel.closed()
+    assert rel.unsent == 6 and not rel.live
+    h = hello(up=3, down=7)
+    assert rel.check(h, resuming=True) is None
+    rel.start(h)
+    assert [rel.next_unsent() for _ in range(rel.unsent)] == ["m4", "m5", "m6"]
+    assert (rel.base, rel.acked, rel.token) == (3, 7, TOKEN)   # last= told the gateway of the 7
+
+
+def test_a_hello_whose_counts_do_not_match_says_why():
+    rel = live_session(2)
+    for _ in range(4):
+        rel.on_data()
+    rel.closed()
+    assert "resumed after message 3, this client has received 4" in rel.check(hello(up=2, down=3), resuming=True)
+    assert "took 3 messages, this client sent 2" in rel.check(hello(up=3, down=4), resuming=True)
+    assert "expected 0, 0" in rel.check(hello(up=1, down=0), resuming=False)
+    rel.fresh()                           # a new session: the window is sent again from its start
+    assert rel.check(hello(), resuming=False) is None and rel.received == 0 and rel.unsent == 2
+
+
+def test_the_window_is_bounded_as_the_queue_and_drop_oldest_keeps_the_numbers():
+    rel = live_session(3, max_messages=3, overflow="raise")
+    with pytest.raises(QueueFull):
+        rel.push("m4")
+    rel = live_session(3, max_messages=3, overflow="drop_oldest")
+    assert rel.push("m4") == 1            # m1 was written (numbered 1): the window now starts at 2
+    assert (rel.base, rel.written, rel.window.at(0)) == (1, 2, "m2")
+    rel.on_ack("3")
+    assert len(rel) == 1 and rel.next_unsent() == "m4"
+    offline = ReliableSession(max_messages=2, overflow="drop_oldest")
+    for m in ("q1", "q2", "q3"):          # before any connection
+        offline.push(m)
+    offline.start(hello())                # the gateway took none: q2 goes first, as number 1
+    assert offline.base == 0 and [offline.next_unsent() for _ in range(2)] == ["q2", "q3"]
+
+
+@pytest.mark.parametrize("code, reason, expected", [
+    (None, "", Verdict(Action.RESUME, TOKEN)),             # no close frame: the network lost
+    (1006, "", Verdict(Action.RESUME, TOKEN)),
+    (1001, "going away", Verdict(Action.RESUME, TOKEN)),
+    (1011, "", Verdict(Action.RESUME, TOKEN)),
+    (1012, "resume=" + "d" * 16 + "." + "r" * 22, Verdict(Action.RESUME, "d" * 16 + "." + "r" * 22)),
+    (1012, "", Verdict(Action.RESUME, TOKEN)),
+    (1013, "", Verdict(Action.TRY_LATER, TOKEN)),
+    (1000, "", Verdict(Action.STOP)),
+    (1008, "token expired", Verdict(Action.REAUTH)),
+])
+def test_a_reliable_session_resumes_after_any_close_but_1000_and_1008(code, reason, expected):
+    assert after_reliable_close(code, reason, token=TOKEN) == expected
+
+
+def test_reliable_close_overrides_win_and_a_400_to_a_resume_is_a_fresh_session():
+    assert after_reliable_close(1006, "", token=TOKEN, overrides={1006: Action.STOP}) == Verdict(Action.STOP)
+    assert after_refusal(400, "resume refused: last out of range", None, resume_token_held=TOKEN,
+                         reliable=True) == Verdict(Action.RESUME_FAILED)
+    assert after_refusal(400, "bad", None, resume_token_held=TOKEN) == Verdict(Action.STOP)
+    assert after_refusal(410, "resume refused: overflowed", None, resume_token_held=TOKEN,
+                         reliable=True) == Verdict(Action.RESUME_FAILED)
+
+
+def test_reliable_takes_prefer_or_require():
+    with pytest.raises(ValueError, match="reliable must be None, 'prefer' or 'require'"):
+        GatewayClient("ws://127.0.0.1:1/", reliable="yes")   # type: ignore[arg-type]
+    client = GatewayClient("ws://127.0.0.1:1/", reliable="prefer")
+    assert client.reliable and client.unacked == 0

@@ -10,7 +10,9 @@ token) nothing is lost or doubled in either direction: the client's frames
 written before the close reach the backend, the backend's later messages
 wait in the gateway's replay buffer, and unsent messages wait in the
 outbox. Across an unplanned drop (1006) messages in flight can be lost in
-either direction; reliable mode (docs/reliable.md) is what closes that gap.
+either direction, unless the client runs in reliable mode (`reliable=`,
+docs/reliable.md): then both sides count, every connection starts with the
+gateway's hello and its token, and any drop resumes with `last=`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from .errors import AuthRefused, ClientClosed, HandshakeRefused, TooManyRequests
 from .inbox import Inbox
 from .outbox import Message, Outbox, Overflow
 from .policy import Action, Verdict
+from .reliable import SUBPROTOCOL, ProtocolError, Reliable, ReliableSession, ReliableUnavailable
 from .states import State, advance
-from .transport import Closed, Link, LinkLost, RefusalReader, dial
+from .transport import Closed, Link, LinkLost, RefusalReader, ReliableLink, dial
 
 log = logging.getLogger("gateway_client")
 
@@ -83,6 +86,7 @@ class GatewayClient:
         max_queue_messages: int = 1000,
         max_queue_bytes: int = 1 << 20,
         overflow: Overflow = "raise",
+        reliable: Reliable | None = None,
         max_inbox_messages: int = 1000,
         iterate: bool = True,
         id_field: str = "id",
@@ -97,6 +101,8 @@ class GatewayClient:
                              f"or 'cookie:NAME' (as the gateway's auth.jwt.sources)")
         if max_pending_requests < 1 or max_inbox_messages < 1:
             raise ValueError("max_pending_requests and max_inbox_messages must be >= 1")
+        if reliable not in (None, "prefer", "require"):
+            raise ValueError(f"reliable must be None, 'prefer' or 'require' (got {reliable!r})")
         self._url = url
         self.token = token
         self._token_provider = token_provider
@@ -109,6 +115,11 @@ class GatewayClient:
         self._heartbeat_s = heartbeat_s
         self._max_message_bytes = max_message_bytes
         self._outbox = Outbox(max_queue_messages, max_queue_bytes, overflow)
+        # Reliable mode keeps what was sent until acked, in a window with the queue's bounds.
+        self._reliable = reliable
+        self._rel = None if reliable is None else ReliableSession(max_queue_messages, max_queue_bytes, overflow)
+        self._plain = False   # reliable="prefer" on a route without it: plain until close() and connect()
+        self._stop_cause: BaseException | None = None
         self._inbox: Inbox[Message] = Inbox(max_inbox_messages)
         self._id_field = id_field
         self._ids = RequestIds()
@@ -199,6 +210,8 @@ class GatewayClient:
             raise RuntimeError(f"connect() on a client that is {self.state}")
         self._closing = False
         self._ended = False
+        self._plain = False
+        self._stop_cause = None
         self.error = None
         self.close_code, self.close_reason = None, ""
         self._inbox.reopen()
@@ -244,6 +257,8 @@ class GatewayClient:
         self._link = None
         self._ended = True
         self._outbox.clear()
+        if self._rel is not None:
+            self._rel.clear()
         if error is not None and self.error is None:
             self.error = error
         if self.state is not State.CLOSED:
@@ -277,8 +292,23 @@ class GatewayClient:
 
     @property
     def queued(self) -> int:
-        """Messages accepted by send() and not yet written."""
-        return len(self._outbox)
+        """Messages accepted by send() and not yet written (on this connection)."""
+        rel = self._live_rel()
+        return len(self._outbox) + (rel.unsent if rel is not None else 0)
+
+    @property
+    def unacked(self) -> int:
+        """Reliable mode: messages sent or queued that the gateway has not acked yet (else 0)."""
+        rel = self._live_rel()
+        return len(rel) if rel is not None else 0
+
+    @property
+    def reliable(self) -> bool:
+        """Whether this client runs in reliable mode now (False once "prefer" went plain)."""
+        return self._live_rel() is not None
+
+    def _live_rel(self) -> ReliableSession | None:
+        return None if self._plain else self._rel
 
     @property
     def pending_requests(self) -> int:
@@ -287,8 +317,8 @@ class GatewayClient:
 
     @property
     def dropped(self) -> int:
-        """Messages dropped from the queue by overflow="drop_oldest", ever."""
-        return self._outbox.dropped
+        """Messages dropped from the queue (or reliable mode's window) by overflow="drop_oldest", ever."""
+        return self._outbox.dropped + (self._rel.window.dropped if self._rel is not None else 0)
 
     async def send(self, message: Message) -> None:
         """Send now if open, else queue for the next connection (in order, before later sends).
@@ -299,6 +329,14 @@ class GatewayClient:
             raise TypeError(f"send() takes str or bytes, not {type(message).__name__}")
         if self._ended:
             raise ClientClosed("send() on a closed client")
+        rel = self._live_rel()
+        if rel is not None:
+            dropped = rel.push(message)   # kept until acked; goes out now if a connection is live
+            if dropped:
+                self._emit("dropped", dropped)
+            if rel.live:
+                await self._flush()
+            return
         if self.state is State.OPEN and not self._outbox:
             async with self._write_lock:
                 link = self._link
@@ -318,8 +356,17 @@ class GatewayClient:
             self._emit("dropped", dropped)
 
     async def _flush(self) -> None:
-        """Write the queue, oldest first; a message leaves it only once written."""
+        """Write the queue, oldest first; a message leaves it only once written.
+        Reliable mode: the window's messages not written on this connection."""
         async with self._write_lock:
+            rel, link = self._live_rel(), self._link
+            if rel is not None:
+                while rel.live and rel.unsent and link is not None and self._link is link:
+                    try:
+                        await link.send(rel.next_unsent())
+                    except LinkLost:
+                        return   # the connection ends: the window is sent again after the next hello
+                return
             while self._outbox and self._link is not None and self.state is State.OPEN:
                 try:
                     await self._link.send(self._outbox.peek())
@@ -396,7 +443,7 @@ class GatewayClient:
         except HandshakeRefused as refused:
             self._emit("error", refused)
             verdict = policy.after_refusal(refused.status, refused.reason, refused.retry_after_s,
-                                           resume_token_held=resuming)
+                                           resume_token_held=resuming, reliable=self._live_rel() is not None)
             self._last_refusal = refused
             return verdict
         except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -404,6 +451,11 @@ class GatewayClient:
             return Verdict(Action.RECONNECT, resuming)
         self._last_refusal = None
         self._reauths = 0
+        if self._live_rel() is not None:
+            started = await self._reliable_start(link, resuming)
+            if isinstance(started, Verdict):
+                return started
+            link = started
         self._link = link
         self.resume_token = None
         opened_at = self._clock()
@@ -423,9 +475,68 @@ class GatewayClient:
         if self._clock() - opened_at >= self._stable_after_s:
             self.attempt = 0
         self.close_code, self.close_reason = got.code, got.reason
-        verdict = policy.after_close(got.code, got.reason, resume_token_held=resuming,
-                                     overrides=self._close_actions)
-        return verdict
+        rel = self._live_rel()
+        if rel is not None and isinstance(link, ReliableLink) and rel.token is not None:
+            rel.closed()
+            return policy.after_reliable_close(got.code, got.reason, token=rel.token, overrides=self._close_actions)
+        return policy.after_close(got.code, got.reason, resume_token_held=resuming, overrides=self._close_actions)
+
+    async def _reliable_start(self, link: Link, resuming: str | None) -> Link | Verdict:
+        """Reliable mode's 101: take the hello and go on with the session, or go plain
+        ("prefer" on a route without it), or give up ("require")."""
+        rel = self._rel
+        assert rel is not None
+        if link.ws.protocol != SUBPROTOCOL:
+            if self._reliable == "prefer":
+                self._plain = True
+                for message in rel.window.drain():   # the same bounds: it fits
+                    self._outbox.push(message)
+                rel.fresh()
+                return link
+            self._stop_cause = ReliableUnavailable(
+                f"the gateway did not select {SUBPROTOCOL} (the route has no reliable:), "
+                f"and this client requires it (reliable='require')")
+            self._emit("error", self._stop_cause)
+            await self._abandon(link)
+            return Verdict(Action.STOP)
+        rlink = ReliableLink(link.ws, rel, self._write_lock, lambda exc: self._emit("error", exc))
+        why: str | None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                hello = await rlink.hello()
+        except ProtocolError as exc:
+            self._emit("error", exc)
+            why = str(exc)
+        except TimeoutError as exc:
+            self._emit("error", exc)
+            await self._abandon(link)
+            return Verdict(Action.RECONNECT, resuming)
+        else:
+            if isinstance(hello, Closed):
+                # Closed before its hello: a resume still holds its token (a 1013 "retry", or
+                # a refusal the next attempt hears as 410 and reports).
+                self.close_code, self.close_reason = hello.code, hello.reason
+                if resuming is not None:
+                    return policy.after_reliable_close(hello.code, hello.reason, token=resuming,
+                                                       overrides=self._close_actions)
+                return policy.after_close(hello.code, hello.reason, overrides=self._close_actions)
+            why = rel.check(hello, resuming is not None)
+            if why is None:
+                rel.start(hello)
+                return rlink
+        # No hello, or counts that do not match: this session cannot go on without loss.
+        assert why is not None
+        await self._abandon(link)
+        rel.fresh()
+        self._emit("resume_failed", why)
+        return Verdict(Action.RESUME)   # a fresh session, at once
+
+    @staticmethod
+    async def _abandon(link: Link) -> None:
+        try:
+            await link.close(1000)
+        except (ConnectionError, RuntimeError):
+            pass
 
     async def _plan(self, verdict: Verdict) -> float | None:
         """The wait before the next attempt, or None: the client closes."""
@@ -438,6 +549,8 @@ class GatewayClient:
         elif action is Action.RESUME:
             delay = self.backoff.resume_delay()
         elif action is Action.RESUME_FAILED:
+            if self._rel is not None:
+                self._rel.fresh()   # what was not acked goes again on the new session
             refusal = self._last_refusal
             self._emit("resume_failed", refusal.reason if refusal is not None else "")
             delay = self.backoff.resume_delay()
@@ -460,6 +573,8 @@ class GatewayClient:
         return delay
 
     def _stop_error(self, action: Action) -> BaseException | None:
+        if self._stop_cause is not None:
+            return self._stop_cause
         if action is Action.REAUTH:
             refusal = self._last_refusal
             if refusal is not None:
@@ -505,6 +620,10 @@ class GatewayClient:
         url = URL(source)
         if self.token is not None and self._token_kind == "query":
             url = url.update_query({self._token_name: self.token})
+        rel = self._live_rel()
+        if rel is not None and self.resume_token is not None:
+            # docs/reliable.md: the token and the count of data messages received.
+            url = url.update_query({"resume": self.resume_token, "last": str(rel.received)})
         return url
 
     def _handshake_headers(self) -> dict[str, str]:
@@ -515,12 +634,13 @@ class GatewayClient:
             elif self._token_kind == "cookie":
                 cookie = f"{self._token_name}={self.token}"
                 h["Cookie"] = f"{h['Cookie']}; {cookie}" if h.get("Cookie") else cookie
-        if self.resume_token is not None:
+        if self.resume_token is not None and self._live_rel() is None:
             # DESIGN 7: `?resume=<token>` or this header; a header keeps it out of URLs and logs.
             h["Gateway-Resume"] = self.resume_token
         return h
 
     def _offer(self) -> tuple[str, ...]:
+        own = (SUBPROTOCOL,) if self._live_rel() is not None else ()
         if self.token is not None and self._token_kind == "subprotocol":
-            return (*self._protocols, f"bearer.{self.token}")
-        return self._protocols
+            return (*own, *self._protocols, f"bearer.{self.token}")
+        return (*own, *self._protocols)

@@ -67,6 +67,15 @@ class Outbox:
     def peek(self) -> Message:
         return self._items[0][0]
 
+    def at(self, index: int) -> Message:
+        return self._items[index][0]
+
+    def drain(self) -> list[Message]:
+        """Everything, oldest first, and the queue empty."""
+        out = [m for m, _ in self._items]
+        self.clear()
+        return out
+
     def pop(self) -> Message:
         message, n = self._items.popleft()
         self._bytes -= n

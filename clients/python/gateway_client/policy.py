@@ -79,16 +79,40 @@ def after_close(code: int | None, reason: str, *, resume_token_held: str | None 
     return Verdict(action, keep)
 
 
+def after_reliable_close(code: int | None, reason: str, *, token: str,
+                         overrides: Mapping[int, Action] | None = None) -> Verdict:
+    """What follows the end of a reliable connection that got its hello (`token`).
+
+    The gateway parks a reliable session on any end but its own 1000 and
+    1008 (docs/reliable.md), so every other close resumes at once with the
+    hello's token: 1006 (no close frame: the network lost), 1001, 1011, ...
+    A drain's 1012 carries a token of its own, which is the one to present;
+    a 1013 backs off longer with the token kept."""
+    if code is None:
+        code = 1006
+    if code in (1000, 1008) or (overrides and code in overrides):
+        return after_close(code, reason, overrides=overrides)
+    drained = resume_token(reason) if code == 1012 else None
+    if drained is not None:
+        return Verdict(Action.RESUME, drained)
+    if code == 1013:
+        return Verdict(Action.TRY_LATER, token)
+    return Verdict(Action.RESUME, token)
+
+
 def after_refusal(status: int, reason: str, retry_after_s: float | None, *,
-                  resume_token_held: str | None = None) -> Verdict:
+                  resume_token_held: str | None = None, reliable: bool = False) -> Verdict:
     """What follows an upgrade answered with HTTP `status` (not 101).
 
-    While resuming: 410 (expired, used, overflowed, lost) and a 401 whose
-    reason says the resume itself was refused mean the session cannot come
-    back: RESUME_FAILED. A 401 for the credentials keeps the token: the
-    session is still there for a new JWT. 503 keeps it too."""
+    While resuming: 410 (expired, used, overflowed, lost; reliable mode: the
+    window no longer has what the client asks for) and a 401 whose reason
+    says the resume itself was refused mean the session cannot come back:
+    RESUME_FAILED; in reliable mode a 400 too (`last` out of range). A 401
+    for the credentials keeps the token: the session is still there for a
+    new JWT. 503 keeps it too."""
     if resume_token_held is not None and (
-            status == 410 or (status == 401 and reason.startswith("resume refused"))):
+            status == 410 or (status == 401 and reason.startswith("resume refused"))
+            or (reliable and status == 400)):
         return Verdict(Action.RESUME_FAILED)
     keep = resume_token_held
     if status in (401, 403):

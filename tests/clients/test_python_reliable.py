@@ -1,0 +1,316 @@
+"""The Python client in reliable mode (docs/reliable.md) against real gateways:
+numbered messages both ways through connections cut without a close (an
+in-test TCP proxy aborts its sockets, or stops forwarding and leaves them
+open), a rolling restart of the nodes and a backend restart; counted at the
+client and at the backend: nothing lost, nothing twice, order kept. And what
+the gateway refuses: a route without reliable mode, a resume it cannot serve."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from gateway_client import GatewayClient, ReliableUnavailable, State
+
+from ..conftest import proxy_config
+from ..integration.fleet import Fleet, holds, on
+from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, env, flowing, jwt_for, node_cfg, read,  # noqa: F401
+                                 settle)
+
+
+def reliable_node(node_id: str, redis_url: str, *endpoints: str, **limits) -> dict:
+    cfg = node_cfg(node_id, redis_url, *endpoints)
+    cfg["routes"][0]["reliable"] = None          # the doc's defaults
+    if limits:
+        cfg["limits"] = limits
+    return cfg
+
+
+class ReliableNumbered(Numbered):
+    """test_python_client's numbered client, in reliable mode."""
+
+    def __init__(self, sub: str, url, **options):
+        super().__init__(sub, url)
+        self.client = GatewayClient(url, token=jwt_for(sub), backoff=FAST, reliable="require", **options)
+        self.rec = Recorder(self.client)
+
+
+class Proxy:
+    """A TCP proxy between client and gateway. Each new connection goes to the next
+    of `targets()` (ports, round robin). `cut()` aborts every socket it holds (the
+    client sees its TCP reset, no close frame); `freeze()` stops forwarding on the
+    connections it holds and closes nothing (a NAT timeout, a dead wifi): both
+    ends think the connection lives. New connections pass as before."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.picks = itertools.count()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.conns: list[dict] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, reader, writer) -> None:
+        ports = self.targets()
+        port = ports[next(self.picks) % len(ports)]
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.transport.abort()
+            return
+        conn = {"writers": [writer, up_writer], "frozen": False}
+        self.conns.append(conn)
+        for r, w in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pump(conn, r, w))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, conn: dict, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not conn["frozen"]:
+                    writer.write(data)
+        except (ConnectionError, OSError):
+            pass
+        if not conn["frozen"]:
+            writer.transport.abort()
+
+    def cut(self) -> int:
+        held, self.conns = self.conns, []
+        for conn in held:
+            for w in conn["writers"]:
+                w.transport.abort()
+        return len(held)
+
+    def freeze(self) -> int:
+        held, self.conns = self.conns, []
+        for conn in held:
+            conn["frozen"] = True
+        self.frozen = held
+        return len(held)
+
+    async def stop(self) -> None:
+        self.server.close()
+        for conn in self.conns + getattr(self, "frozen", []):
+            for w in conn["writers"]:
+                w.transport.abort()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+def one_session(c: Numbered, fleet: Fleet) -> None:
+    """Every reconnect of `c` was a resume of its one session (the backend saw one id)."""
+    assert c.rec.opens[0] is False and c.rec.opens[1:] and all(c.rec.opens[1:]), c.rec.opens
+    assert c.rec.resume_failures == []
+    c.session(fleet)
+
+
+@pytest.fixture
+async def pair(gateway, redis_server):
+    """Two reliable nodes on one Redis in front of a numbered fleet endpoint."""
+    fleet = Fleet()
+    ep = await fleet.endpoint()
+    nodes = [await gateway(reliable_node(f"node-{n}", redis_server.url, ep.url, ping_interval_s=30)) for n in "ab"]
+    yield fleet, nodes
+    await ep.stop()
+
+
+# ---------------------------------------------------------------- the mode itself
+async def test_reliable_mode_is_invisible_to_the_app_and_to_the_backend(gateway, backend):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url, route={"reliable": {"ack_every": 4}}))
+    client = GatewayClient(gw.url + "/ws", reliable="require", backoff=FAST)
+    async with client:
+        assert client.reliable
+        for i in range(10):
+            await client.send(f"m{i}")
+        await client.send(b"\x00bin")
+        assert await read(client, 11) == [f"m{i}" for i in range(10)] + [b"\x00bin"]   # no kind byte
+        # The gateway acked what it took: nothing is kept any more.
+        await holds(lambda: client.unacked == 0, BOUND_S, "the window acked")
+    assert [d for _, d in b.received] == [f"m{i}" for i in range(10)] + [b"\x00bin"]
+    assert "gateway.reliable.v1" not in b.requests[0].get("Sec-WebSocket-Protocol", "")
+
+
+async def test_prefer_goes_plain_on_a_route_without_it_and_require_says_why(gateway, backend):
+    b = await backend()
+    gw = await gateway(proxy_config(b.url))
+    prefer = GatewayClient(gw.url + "/ws", reliable="prefer", backoff=FAST)
+    await prefer.send("queued before connect")
+    async with prefer:
+        assert not prefer.reliable
+        await prefer.send("dplain")
+        assert await read(prefer, 2) == ["queued before connect", "dplain"]   # as sent: no kind byte taken
+    require = GatewayClient(gw.url + "/ws", reliable="require", backoff=FAST)
+    rec = Recorder(require)
+    with pytest.raises(ReliableUnavailable, match="did not select gateway.reliable.v1"):
+        await require.connect()
+    assert require.state is State.CLOSED and isinstance(require.error, ReliableUnavailable)
+    assert [type(e) for e in rec.errors] == [ReliableUnavailable]
+    await require.close()
+    with pytest.raises(ValueError, match="reliable must be"):
+        GatewayClient(gw.url + "/ws", reliable="always")    # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- unplanned drops
+async def test_connections_cut_without_a_close_resume_and_lose_nothing(pair):
+    """The proxy aborts the clients' TCP connections (1006 at the client) three times;
+    each comes back with resume= and last= to the other node."""
+    fleet, nodes = pair
+    proxy = Proxy(lambda: [n.ports[0] for n in nodes])
+    await proxy.start()
+    clients = [ReliableNumbered(f"cut{i}", proxy.url + "/ws") for i in range(3)]
+    try:
+        for c in clients:
+            await c.start()
+        await flowing(clients)
+        for cut in range(3):
+            assert proxy.cut() == len(clients)
+            await holds(lambda: all(len(c.rec.opens) == cut + 2 and c.client.state is State.OPEN for c in clients),
+                        BOUND_S, f"every client resumed after cut {cut + 1}")
+            await flowing(clients)
+        await settle(clients, fleet)
+    finally:
+        for c in clients:
+            await c.client.close()
+        await proxy.stop()
+    for c in clients:
+        one_session(c, fleet)
+        assert [code for code, _, _ in c.rec.closes[:-1]] == [None] * 3    # no close frame: 1006
+        assert [e for e in c.rec.errors if not isinstance(e, (OSError, ConnectionError))] == []
+    assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == 3 * len(clients)
+
+
+async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair):
+    """The proxy stops forwarding and closes nothing: the gateway still holds the
+    session on the old connection; the client's missing pong ends it on its side,
+    and the resume makes the gateway let the old connection go."""
+    fleet, nodes = pair
+    proxy = Proxy(lambda: [n.ports[0] for n in nodes])
+    await proxy.start()
+    c = ReliableNumbered("frozen", proxy.url + "/ws", heartbeat_s=0.2)
+    try:
+        await c.start()
+        await flowing([c])
+        sid = c.session(fleet)
+        assert proxy.freeze() == 1
+        await holds(lambda: len(c.rec.opens) == 2 and c.client.state is State.OPEN, BOUND_S, "resumed")
+        await flowing([c])
+        await settle([c], fleet)
+        assert sum(len(n.node.sessions) for n in nodes) == 1     # the old connection is gone
+    finally:
+        await c.client.close()
+        await proxy.stop()
+    one_session(c, fleet)
+    assert c.session(fleet) == sid and c.rec.closes[0][0] is None
+
+
+async def test_a_resume_the_gateway_cannot_serve_is_refused_and_a_fresh_session_says_so(gateway, redis_server):
+    """The client stops reading (a full inbox), so the gateway's window fills past the
+    replay buffer's bound; after the cut the buffer has overflowed: 410, and the client
+    starts a new session with resume_failed naming the reason."""
+    fleet = Fleet()
+    ep = await fleet.endpoint()
+    cfg = reliable_node("node-a", redis_server.url, ep.url)
+    cfg["drain"]["replay_max_messages"] = 5
+    gw = await gateway(cfg)
+    proxy = Proxy(lambda: [gw.ports[0]])
+    await proxy.start()
+    client = GatewayClient(proxy.url + "/ws", token=jwt_for("slow"), reliable="require", backoff=FAST,
+                           max_inbox_messages=1)
+    rec = Recorder(client)
+    got: list = []
+    client.on("message", got.append)
+    reader = None
+    try:
+        await client.connect()
+        (first,) = {h["Gateway-Session-Id"] for h in fleet.handshakes}
+        await holds(lambda: fleet.sent[first] >= 50, BOUND_S, "the backend sent 50 the client does not read")
+        proxy.cut()
+        reader = asyncio.ensure_future(read(client, 10**9))   # the client reads again: it sees the cut
+        reader.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await holds(lambda: len(rec.opens) == 2 and client.state is State.OPEN, BOUND_S, "a fresh session")
+        assert len(rec.resume_failures) == 1 and "overflowed" in rec.resume_failures[0], rec.resume_failures
+        assert rec.opens == [False, False]
+        assert [h.get("Gateway-Resumed") for h in fleet.handshakes] == [None, None]
+        (second,) = {h["Gateway-Session-Id"] for h in fleet.handshakes} - {first}
+        await holds(lambda: got.count("s1") == 2, BOUND_S, "the new session's first message")
+        assert fleet.sent[second] >= 1
+    finally:
+        if reader is not None:
+            reader.cancel()
+        await client.close()
+        await proxy.stop()
+        await ep.stop()
+
+
+# ---------------------------------------------------------------- planned: nodes and backends
+async def test_a_rolling_restart_in_reliable_mode_loses_nothing(gateway, redis_server):
+    """Three reliable nodes on one Redis; each in turn is replaced (the new one starts,
+    the old one drains): the clients resume with the drain's token and last=."""
+    fleet = Fleet()
+    ep = await fleet.endpoint()
+    made = itertools.count()
+
+    async def start():
+        return await gateway(reliable_node(f"n{next(made)}", redis_server.url, ep.url))
+
+    live = [await start(), await start(), await start()]
+    pick = itertools.count()
+
+    def url() -> str:
+        return live[next(pick) % len(live)].url + "/ws"
+
+    clients = [ReliableNumbered(f"r{i}", url) for i in range(4)]
+    try:
+        for c in clients:
+            await c.start()
+        await flowing(clients)
+        for old in list(live):
+            fresh = await start()
+            live.remove(old)
+            live.append(fresh)
+            await old.stop()
+            assert not old.node.sessions
+            await flowing(clients)
+        await settle(clients, fleet)
+    finally:
+        for c in clients:
+            await c.client.close()
+        await ep.stop()
+    for c in clients:
+        one_session(c, fleet)
+        assert all(code == 1012 and retry for code, _, retry in c.rec.closes[:-1]), c.rec.closes
+    resumes = sum(len(c.rec.opens) - 1 for c in clients)
+    assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == resumes
+
+
+async def test_a_backend_restart_in_reliable_mode_is_reattached_and_the_client_stays_open(gateway, redis_server):
+    fleet = Fleet()
+    e1, e2 = await fleet.endpoint(), await fleet.endpoint()
+    gw = await gateway(reliable_node("node-a", redis_server.url, e1.url, e2.url))
+    c = ReliableNumbered("backend", gw.url + "/ws")
+    try:
+        await c.start()
+        await flowing([c])
+        old = e1 if on(gw, e1.url) else e2
+        await old.restart()
+        await holds(lambda: on(gw, (e2 if old is e1 else e1).url) == 1, BOUND_S, "moved to the other endpoint")
+        await flowing([c])
+        await settle([c], fleet)
+    finally:
+        await c.client.close()
+        await e1.stop()
+        await e2.stop()
+    assert c.rec.opens == [False] and c.rec.closes == [(1000, "", False)]
+    assert c.rec.resume_failures == []
