@@ -286,14 +286,15 @@ async def test_two_workers_are_scraped_together(http, http_peer, redis_server, t
                    {"name": "hr", "match": {"path": "/h"}, "auth": "none", "backend": "h"}],
     })
     clients = []
+    start_s = 60   # two interpreters starting on a busy machine
     try:
-        await p.ready(http)
+        await p.ready(http, timeout=start_s)
 
         async def nodes() -> dict[str, int]:
             async with http.get(p.admin_url + "/v1/nodes", headers=AUTH) as r:
                 return {n["id"]: n["connections"] for n in (await r.json())["nodes"]} if r.status == 200 else {}
 
-        await until(lambda: _both(nodes), what="both workers in /v1/nodes")
+        await until(lambda: _both(nodes), start_s, what="both workers in /v1/nodes")
         spread = {}
         for _ in range(40):   # SO_REUSEPORT spreads by the client's port: more until both have some
             ws = await http.ws_connect(p.url + "/h")
