@@ -117,7 +117,7 @@ def _ok(body: bytes) -> web.Response:
 
 
 async def test_http_backend_round_trip_and_added_latency_are_observed(gateway, http, http_peer):
-    delay_s = 0.03
+    delay_s = 0.1   # long beside what the gateway adds, even on a busy machine
 
     async def slow_echo(request, body):
         await asyncio.sleep(delay_s)
@@ -143,7 +143,7 @@ async def test_http_backend_round_trip_and_added_latency_are_observed(gateway, h
     assert await m.moved(rt + "_count", backend="h", event="connect") == 1
     await m.until_moved(rt + "_count", backend="h", event="disconnect")
     # Each answer took at least delay_s: none in the buckets below it, the sum at least n of them.
-    assert await m.moved(rt + "_bucket", backend="h", event="message", le="0.025") == 0
+    assert await m.moved(rt + "_bucket", backend="h", event="message", le="0.05") == 0
     assert await m.moved(rt + "_bucket", backend="h", event="message", le="+Inf") == n
     assert await m.moved(rt + "_sum", backend="h", event="message") >= n * delay_s
     # What the gateway added is observed once per answered message, without the queue wait:
