@@ -16,7 +16,8 @@ import { advance } from './states.js';
 import { MessageStream } from './stream.js';
 
 const OPEN = 1;   // WebSocket.OPEN, the same in every implementation
-const NO_SUBPROTOCOL = /Server sent no subprotocol/;   // the ws package's handshake error
+// A 101 without any of the offered subprotocols, as the ws package and Node's own WebSocket say it.
+const NO_SUBPROTOCOL = /Server sent no subprotocol|Server did not respond with sent protocols/;
 
 export const EVENTS = Object.freeze(['state', 'open', 'message', 'close', 'error', 'resumeFailed', 'dropped']);
 
@@ -345,7 +346,7 @@ export class GatewayClient {
     }
     ws.binaryType = 'arraybuffer';
     const s = { ws, opened: false, resumeToken: this._resume, status: null, hello: false, noReliable: false,
-      offeredReliable };
+      offeredReliable, told: false };
     this._socket = s;
     this._timer = this._timers.setTimeout(() => {
       this._timer = null;
@@ -497,9 +498,10 @@ export class GatewayClient {
     if (status !== null) {
       s.status = status;
     }
+    s.told = s.told || Boolean(message);
     if (this._rel !== null && !s.opened && NO_SUBPROTOCOL.test(message ?? '')) {
       // The ws package fails a 101 that selects none of the offered subprotocols
-      // (a browser opens it, with protocol ''): the route has no reliable:.
+      // (as browsers do, without saying why): the route has no reliable:.
       s.noReliable = true;
     }
     const error = event?.error instanceof Error ? event.error
@@ -525,10 +527,11 @@ export class GatewayClient {
       this._noReliable(s, close);
       return;
     }
-    if (this._o.reliable === 'prefer' && !s.opened && s.status === null && s.resumeToken === null) {
+    if (this._o.reliable === 'prefer' && !s.opened && !s.told && s.resumeToken === null) {
       // A browser fails a 101 that selects none of the offered subprotocols, and does not
-      // say why: as far as can be told the route may lack reliable:. The next attempt
-      // goes the other way; the first to open decides.
+      // say why (ws and Node's WebSocket do: a refused connection, a status, no subprotocol): as far as can be
+      // told the route may lack reliable:. The next attempt goes the other way; the first
+      // to open decides.
       this._rel.unavailable = s.offeredReliable;
     }
     const decision = decide({

@@ -73,9 +73,9 @@ test("reliable mode: a 101 without the subprotocol fails here; 'prefer' tries ag
     const timers = new ManualTimers();
     const p = new GatewayClient(plain.url, { reliable: 'prefer', random: () => 0.5, timers, connectTimeoutMs: 99_999 });
     p.send('early');
-    // Offered and not selected: the runtime fails the handshake, without a reason; the next attempt does not offer it.
-    await until(() => timers.has(250), 'a retry');
-    timers.fire(250);
+    // Offered and not selected: the runtime fails the handshake and says so; the next attempt does not offer it.
+    await until(() => timers.has(125), 'a retry at once');
+    timers.fire(125);
     assert.deepEqual(await next(p, 'open'), { resumed: false });
     assert.deepEqual(plain.handshakes.length, 2);
     const conn = plain.connections.at(-1);
@@ -83,12 +83,10 @@ test("reliable mode: a 101 without the subprotocol fails here; 'prefer' tries ag
     await until(() => conn.got.length === 1, 'the message, without a kind byte');
     assert.deepEqual(conn.got, ['early']);
     await p.close();
-    // 'require' cannot tell this from any failed handshake: it retries, and never sends plain.
-    const r = new GatewayClient(plain.url, { reliable: 'require', random: () => 0.5, timers, connectTimeoutMs: 99_999 });
+    const r = new GatewayClient(plain.url, { reliable: 'require' });
     r.send('never plain');
-    await until(() => timers.has(250), 'a retry');
-    assert.equal(r.state, 'connecting');
-    await r.close();
+    await until(() => r.state === 'closed', 'closed');
+    assert.match(r.closeReason, /did not select gateway\.reliable\.v1/);
     assert.deepEqual(plain.connections.slice(2).flatMap((c) => c.got), []);
   });
 

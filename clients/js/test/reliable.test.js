@@ -373,3 +373,62 @@ test('reliable options are checked by name', () => {
   assert.throws(() => new GatewayClient('ws://x', { reliable: 'prefer', framing: { create() {} } }),
     /does not take a framing option/);
 });
+
+/** A ws socket that, as a browser's, says nothing in its error events (not even a refused handshake's status). */
+class Silent {
+  constructor(url, protocols) {
+    this.ws = new WebSocket(url, protocols);
+    this.onopen = null;
+    this.onmessage = null;
+    this.onerror = null;
+    this.onclose = null;
+    this.ws.onopen = (e) => this.onopen?.(e);
+    this.ws.onmessage = (e) => this.onmessage?.(e);
+    this.ws.onerror = () => this.onerror?.({});
+    this.ws.onclose = (e) => this.onclose?.(e);
+  }
+
+  get readyState() {
+    return this.ws.readyState;
+  }
+
+  get protocol() {
+    return this.ws.protocol;
+  }
+
+  set binaryType(v) {
+    this.ws.binaryType = v;
+  }
+
+  send(data) {
+    this.ws.send(data);
+  }
+
+  close(code, reason) {
+    this.ws.close(code, reason);
+  }
+}
+
+test("'prefer' where a failed handshake says nothing (browsers): the next attempt goes without the offer, "
+  + 'and the first to open decides', async (t) => {
+  const peer = await reliableServer({ select: () => false });
+  t.after(() => peer.close());
+  const { c, timers, log } = client(peer.url, { reliable: 'prefer', WebSocket: Silent });
+  c.send('early');
+  await fire(timers, RETRY_DELAY);
+  assert.deepEqual(await next(c, 'open'), { resumed: false });
+  assert.deepEqual(peer.connections.map((conn) => conn.protocols), ['gateway.reliable.v1', null]);
+  await until(() => peer.connections[1].got.length === 1, 'the message, plain');
+  assert.deepEqual(peer.connections[1].got, ['early']);
+  peer.connections[1].socket.terminate();
+  await fire(timers, 2 * RETRY_DELAY);   // the second retry in a row: the ceiling doubled
+  await next(c, 'open');
+  assert.equal(peer.connections[2].protocols, null, 'plain for the client\'s life');
+  await c.close();
+  assert.deepEqual(log.failed, []);
+  // close() and connect(): offered again.
+  c.connect();
+  await until(() => peer.connections.length === 4, 'a fourth handshake');
+  assert.equal(peer.connections[3].protocols, 'gateway.reliable.v1');
+  await c.close();
+});
