@@ -818,7 +818,10 @@ class ReliableSession(Session):
 
     # ------------------------------------------------- client -> upstream
     def from_client_relay(self, data: bytes) -> None:
-        """Every read from a reliable client: whole messages, kind byte checked and stripped."""
+        """Every read from a reliable client: whole messages, kind byte checked and stripped.
+
+        The loop is from_client_messages' (a sink's), written out again on purpose: the
+        sink's per-message path stays as it was, with no call per message added to it."""
         self.c_seen = True
         self.c_bytes += len(data)
         if self.c_need or self.c_buf:
@@ -870,14 +873,21 @@ class ReliableSession(Session):
             if b0 & 0x80:
                 parts = self.c_parts
                 self.c_parts = None
-                message = parts[0] if len(parts) == 1 else b"".join(parts)
                 kind = self.c_msg
                 self.c_msg = 0
-                if not self._from_client(kind, message):
+                if len(parts) == 1:
+                    # One frame: it can go on as it came, masked, less its first byte.
+                    if not self._from_client(kind, payload, mask, data[start + hlen + 1:end]):
+                        return
+                elif not self._from_client(kind, b"".join(parts)):
                     return
 
-    def _from_client(self, opcode: int, message: bytes) -> bool:
-        """One whole client message. False when the session is failed for it."""
+    def _from_client(self, opcode: int, message: bytes, mask=None, masked: bytes = b"") -> bool:
+        """One whole client message. False when the session is failed for it.
+
+        `mask`, `masked`: a one-frame message's mask and its payload as it came,
+        without the kind byte; the frame upstream is then built without masking
+        again (the key turned by the byte cut off, RFC 6455 5.3)."""
         if opcode == OP_TEXT and not frames.text_is_valid(message):
             self._client_violation(INVALID_PAYLOAD, "invalid UTF-8 in text message")
             return False
@@ -892,7 +902,10 @@ class ReliableSession(Session):
             if self.c_drop:
                 return True
             self.c_msgs += 1
-            self._send_upstream(frames.frame(opcode, message[1:], mask=True))
+            if mask is None:
+                self._send_upstream(frames.frame(opcode, message[1:], mask=True))
+            else:
+                self._send_upstream(reliable.masked_head(opcode, len(masked)) + mask[1:] + mask[:1] + masked)
             return True
         if kind == reliable.ACK and opcode == OP_TEXT:
             count = reliable.parse_ack(message[1:])

@@ -10,12 +10,13 @@ I/O, so the relay (relay.ReliableSession) stays the only socket code.
 from __future__ import annotations
 
 import json
+import struct
 from collections import deque
 
 from .errors import Refusal
 
 __all__ = ["ACK", "DATA", "HELLO", "SUBPROTOCOL", "Inbound", "Peer", "Window", "ack", "check_last",
-           "hello", "META", "meta", "parse_ack", "parse_last", "split_replay"]
+           "hello", "masked_head", "META", "meta", "parse_ack", "parse_last", "split_replay"]
 
 SUBPROTOCOL = "gateway.reliable.v1"
 
@@ -37,6 +38,19 @@ def parse_ack(payload: bytes) -> int | None:
 def ack(count: int) -> bytes:
     """An ack message's payload, kind byte included."""
     return b"a%d" % count
+
+
+_SHORT = struct.Struct("!BBH").pack
+_LONG = struct.Struct("!BBQ").pack
+
+
+def masked_head(opcode: int, n: int) -> bytes:
+    """The first bytes of a whole masked frame of `n` payload bytes, up to its key."""
+    if n < 126:
+        return bytes((0x80 | opcode, 0x80 | n))
+    if n < 65536:
+        return _SHORT(0x80 | opcode, 0xFE, n)
+    return _LONG(0x80 | opcode, 0xFF, n)
 
 
 def hello(session: str, token: str, up: int, down: int) -> bytes:

@@ -16,7 +16,7 @@ from gateway.frames import OP_BINARY, OP_TEXT
 
 from ..conftest import proxy_config
 from ..helpers import RawClient, until
-from .numbered import NumberedBackend
+from .test_drain_resume import numbered  # noqa: F401  (fixture)
 
 PROTO = "gateway.reliable.v1"
 
@@ -24,13 +24,6 @@ PROTO = "gateway.reliable.v1"
 def reliable_cfg(backend_url: str, **rel) -> dict:
     return proxy_config(backend_url, route={"reliable": rel or None})
 
-
-@pytest.fixture
-async def numbered():
-    b = NumberedBackend()
-    await b.start()
-    yield b
-    await b.stop()
 
 
 class Peer:
@@ -318,6 +311,16 @@ async def test_a_drained_reliable_session_resumes_with_last_on_another_node(gate
 
 
 # ------------------------------------------------------------ an unplanned drop
+async def nodes(gateway, request, store: str, backend_url: str, **rel):
+    """Two nodes on one redis-server, or (memory store) one node twice: a resume comes back to it."""
+    if store == "memory":
+        a = await gateway(node_cfg("node-a", None, backend_url, **rel))
+        return a, a
+    url = request.getfixturevalue("redis_server").url
+    return (await gateway(node_cfg("node-a", url, backend_url, **rel)),
+            await gateway(node_cfg("node-b", url, backend_url, **rel)))
+
+
 async def gone_from(gw, sid: str) -> bool:
     return not any(s.session_id == sid for s in gw.node.sessions.values())
 
@@ -328,12 +331,7 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
     """The client's TCP goes without a close. What the gateway sent and the client did
     not ack is replayed after `last`; what the client wrote and the gateway never took
     (its send buffer, lost with the connection) is sent again after `up`."""
-    if store == "redis":
-        url = request.getfixturevalue("redis_server").url
-        a = await gateway(node_cfg("node-a", url, numbered.url, ack_every=5, ack_ms=20))
-        b = await gateway(node_cfg("node-b", url, numbered.url, ack_every=5, ack_ms=20))
-    else:
-        a = b = await gateway(node_cfg("node-a", None, numbered.url, ack_every=5, ack_ms=20))
+    a, b = await nodes(gateway, request, store, numbered.url, ack_every=5, ack_ms=20)
     token = jwt_for("carol")
     peer = await Peer.connect(a.url, query=f"?access_token={token}")
     sid = peer.hello["session"]
@@ -409,12 +407,7 @@ class Blackhole:
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_half_open_session_is_taken_over_by_the_resume(gateway, request, numbered, jwt_env, store):
-    if store == "redis":
-        url = request.getfixturevalue("redis_server").url
-        a = await gateway(node_cfg("node-a", url, numbered.url))
-        b = await gateway(node_cfg("node-b", url, numbered.url))
-    else:
-        a = b = await gateway(node_cfg("node-a", None, numbered.url))
+    a, b = await nodes(gateway, request, store, numbered.url)
     hole = Blackhole(a.ports[0])
     await hole.start()
     try:

@@ -142,3 +142,11 @@ def test_a_replay_buffer_ends_with_the_counts_a_resume_needs():
     assert reliable.split_replay([("1", reliable.META, reliable.meta(3, 0))]) == (3, 0, [])
     for broken in ([], entries[:2], [("1", reliable.META, b"{}")], [("1", reliable.META, b"not json")]):
         assert reliable.split_replay(broken) is None
+
+
+@pytest.mark.parametrize("n", [0, 125, 126, 65535, 65536])
+def test_masked_head_is_the_head_frames_builds(n):
+    from gateway import frames
+    whole = frames.frame(frames.OP_BINARY, b"z" * n, mask=True)
+    head = reliable.masked_head(frames.OP_BINARY, n)
+    assert whole.startswith(head) and len(whole) == len(head) + 4 + n
