@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 
 import pytest
 
 from gateway_client import GatewayClient, ReliableUnavailable, State
+from gateway_client.reliable import ACK_EVERY
 
 from ..conftest import proxy_config
+from ..helpers import free_port
 from ..integration.fleet import Fleet, holds, on
 from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, env, flowing, jwt_for, node_cfg, read,  # noqa: F401
                                  settle)
@@ -116,6 +119,11 @@ def one_session(c: Numbered, fleet: Fleet) -> None:
 
 
 @pytest.fixture
+def free_port_url() -> str:
+    return f"ws://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
 async def pair(gateway, redis_server):
     """Two reliable nodes on one Redis in front of a numbered fleet endpoint."""
     fleet = Fleet()
@@ -191,7 +199,7 @@ async def test_connections_cut_without_a_close_resume_and_lose_nothing(pair):
     assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == 3 * len(clients)
 
 
-async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair):
+async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair, caplog):
     """The proxy stops forwarding and closes nothing: the gateway still holds the
     session on the old connection; the client's missing pong ends it on its side,
     and the resume makes the gateway let the old connection go."""
@@ -199,6 +207,7 @@ async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair):
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
     c = ReliableNumbered("frozen", proxy.url + "/ws", heartbeat_s=0.2)
+    caplog.set_level(logging.INFO, logger="gateway.cluster")
     try:
         await c.start()
         await flowing([c])
@@ -213,6 +222,7 @@ async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair):
         await proxy.stop()
     one_session(c, fleet)
     assert c.session(fleet) == sid and c.rec.closes[0][0] is None
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.cluster"].count("reliable_takeover") == 1
 
 
 async def test_a_resume_the_gateway_cannot_serve_is_refused_and_a_fresh_session_says_so(gateway, redis_server):
@@ -252,6 +262,50 @@ async def test_a_resume_the_gateway_cannot_serve_is_refused_and_a_fresh_session_
         await client.close()
         await proxy.stop()
         await ep.stop()
+
+
+async def test_a_resume_asking_for_what_was_acked_already_is_refused_window(gateway, redis_server, free_port_url):
+    """A client that kept its token but not its messages (an app restarted) asks from
+    message 1; the gateway trimmed what was acked: 410 window, and a fresh session."""
+    fleet = Fleet()
+    ep = await fleet.endpoint()
+    gw = await gateway(reliable_node("node-a", redis_server.url, ep.url))
+    proxy = Proxy(lambda: [gw.ports[0]])
+    await proxy.start()
+    target = [proxy.url]
+    old = GatewayClient(lambda: target[0] + "/ws", token=jwt_for("restarted"), reliable="require", backoff=FAST,
+                        iterate=False)
+    got: list = []
+    old.on("message", got.append)
+    new = GatewayClient(gw.url + "/ws", token=jwt_for("restarted"), reliable="require", backoff=FAST)
+    rec = Recorder(new)
+    try:
+        await old.connect()
+        await holds(lambda: len(got) > ACK_EVERY, BOUND_S, "more than one ack's worth read")
+        (sid,) = {h["Gateway-Session-Id"] for h in fleet.handshakes}
+        await holds(lambda: acked(gw, sid) > 1, BOUND_S, "the gateway trimmed what the client acked")
+        target[0] = free_port_url                 # the old client's resumes go nowhere
+        token = old.reliable_token
+        proxy.cut()
+        new.resume_token = token
+        await new.connect()
+        assert len(rec.resume_failures) == 1 and rec.resume_failures[0].startswith("resume refused: window"), \
+            rec.resume_failures
+        assert rec.opens == [False]
+        assert len({h["Gateway-Session-Id"] for h in fleet.handshakes}) == 2
+    finally:
+        await old.close()
+        await new.close()
+        await proxy.stop()
+        await ep.stop()
+
+
+def acked(gw, sid: str) -> int:
+    """The first number the gateway still keeps for session `sid` (0: not attached here)."""
+    for s in gw.node.sessions.values():
+        if s.session_id == sid:
+            return s.rel.window.first
+    return 0
 
 
 # ---------------------------------------------------------------- planned: nodes and backends

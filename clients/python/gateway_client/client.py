@@ -307,6 +307,13 @@ class GatewayClient:
         """Whether this client runs in reliable mode now (False once "prefer" went plain)."""
         return self._live_rel() is not None
 
+    @property
+    def reliable_token(self) -> str | None:
+        """Reliable mode: the resume token of the last hello (single use), else None. An app
+        that keeps it across its own restart can set it as `resume_token` before connect()."""
+        rel = self._live_rel()
+        return rel.token if rel is not None else None
+
     def _live_rel(self) -> ReliableSession | None:
         return None if self._plain else self._rel
 
