@@ -88,10 +88,11 @@ class AdminError(Exception):
 
 class Admin:
     """The gateway's management API. Every node answers for the whole cluster, so
-    any one will do; when one is gone (drained, restarted) the next is asked. Only a
-    request that did not reach a node whole, or a 503 (that node cannot reach the store,
-    or is stopping: it delivered nothing), moves on; a request that may have been carried
-    out is never sent again, so a chat line is not published twice."""
+    any one will do; when one is gone (drained, restarted) the next is asked. A request
+    that did not reach a node whole moves on; so does a 503 (the node cannot reach its
+    store, or is stopping) to a call that may be repeated (GET, PUT, DELETE). A publish
+    that may have been carried out is never sent again, so a chat line is not published
+    twice: its 503 is the caller's."""
 
     def __init__(self, urls: list[str], token: str | None):
         self.urls = list(urls)
@@ -119,7 +120,7 @@ class Admin:
             try:
                 async with self.http.request(method, url + path, headers=headers, data=data) as r:
                     text = await r.text()
-                    if r.status == 503 and i + 1 < len(self.urls):
+                    if r.status == 503 and method != "POST" and i + 1 < len(self.urls):
                         tried.append(f"{url}: 503 {text[:100]}")
                         continue
                     self.current = (self.current + i) % len(self.urls)
