@@ -97,16 +97,19 @@ def meta(first: int, up: int) -> bytes:
 
 def split_replay(entries) -> tuple[int, int, list] | None:
     """A reliable session's replay buffer ((id, opcode, payload) entries) as
-    (number of its first message, up, the message entries); None when its
-    counts are missing (the buffer is not whole)."""
-    if not entries or entries[-1][1] != META:
+    (number of its first message, up, the message entries in order); None when
+    its counts are missing (the buffer is not whole). The counts are written at
+    the seal; what the management API appends to a parked session comes after
+    them, and is numbered on after the rest."""
+    at = next((i for i in range(len(entries) - 1, -1, -1) if entries[i][1] == META), None)
+    if at is None:
         return None
     try:
-        m = json.loads(entries[-1][2])
+        m = json.loads(entries[at][2])
         first, up = int(m["first"]), int(m["up"])
     except (ValueError, KeyError, TypeError):
         return None
-    return first, up, list(entries[:-1])
+    return first, up, list(entries[:at]) + list(entries[at + 1:])
 
 
 class Window:

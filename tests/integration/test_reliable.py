@@ -365,6 +365,26 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
     assert again.hello["token"] != peer.hello["token"]
 
 
+async def test_a_push_to_a_parked_reliable_session_is_replayed_after_the_rest(gateway, numbered, jwt_env, http,
+                                                                               monkeypatch):
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t")
+    gw, peer, url = await dropped_session(gateway, numbered)
+    sid = peer.hello["session"]
+    await until(lambda: _async(numbered.active == 0), what="the old upstream closed")
+    await until(lambda: gw.node.cluster.store.detached.get(sid), what="parked")
+    async with http.post(f"{gw.admin_url}/v1/connections/{sid}/messages?type=text", data=b"while away",
+                         headers={"Authorization": "Bearer t"}) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["buffered"] == 1
+    sent = numbered.sent[sid]   # all of it before the drop's upstream closed
+    again = await Peer.connect(gw.url, query=url[len(gw.url) + 3:] + "&last=20")
+    await again.read_until(lambda: len(again.got) >= sent - 20 + 1 + 5, "the replay, the push, live ones")
+    # The replay, then the push (numbered after it), then the resumed upstream's.
+    replay = [f"s{i}".encode() for i in range(21, sent + 1)]
+    assert again.got[:len(replay) + 1] == replay + [b"while away"]
+    assert again.got[len(replay) + 1:] == [f"s{i}".encode() for i in range(sent + 1, sent + len(again.got) - len(replay))]
+
+
 # ------------------------------------------------------------ half-open
 class Blackhole:
     """A TCP proxy that can stop forwarding without closing anything: what a NAT

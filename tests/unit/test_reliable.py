@@ -140,6 +140,8 @@ def test_a_replay_buffer_ends_with_the_counts_a_resume_needs():
     entries = [("1", 1, b"s5"), ("2", 1, b"s6"), ("3", reliable.META, reliable.meta(5, 12))]
     assert reliable.split_replay(entries) == (5, 12, entries[:2])
     assert reliable.split_replay([("1", reliable.META, reliable.meta(3, 0))]) == (3, 0, [])
+    pushed = entries + [("4", 2, b"pushed while parked")]
+    assert reliable.split_replay(pushed) == (5, 12, entries[:2] + pushed[3:])
     for broken in ([], entries[:2], [("1", reliable.META, b"{}")], [("1", reliable.META, b"not json")]):
         assert reliable.split_replay(broken) is None
 
