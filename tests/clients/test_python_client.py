@@ -331,8 +331,10 @@ async def test_a_full_queue_raises_with_the_raise_policy(gateway):
 
 
 # ---------------------------------------------------------------- no loss: drains, rolling restarts, backends
-def node_cfg(node_id: str, redis_url: str, *endpoints: str) -> dict:
-    cfg = reattach_config(*endpoints, route={"auth": "required"}, auth=jwt_auth())
+def node_cfg(node_id: str, redis_url: str, *endpoints: str, reliable: bool = False) -> dict:
+    """`reliable`: the route has `reliable:` (the doc's defaults)."""
+    route = {"auth": "required", **({"reliable": None} if reliable else {})}
+    cfg = reattach_config(*endpoints, route=route, auth=jwt_auth())
     cfg.update({
         "node_id": node_id,
         "redis": {"url": redis_url, "heartbeat_s": 0.2, "node_ttl_s": 1, "timeout_s": 0.5},
@@ -347,9 +349,9 @@ class Numbered:
     A message counts as sent once client.send() returned: from then on the
     client owes its delivery (written, or queued for the next connection)."""
 
-    def __init__(self, sub: str, url, interval_s: float = 0.003):
+    def __init__(self, sub: str, url, interval_s: float = 0.003, **options):
         self.sub = sub
-        self.client = GatewayClient(url, token=jwt_for(sub), backoff=FAST)
+        self.client = GatewayClient(url, token=jwt_for(sub), backoff=FAST, **options)
         self.rec = Recorder(self.client)
         self.interval_s = interval_s
         self.sent = 0
@@ -438,15 +440,20 @@ async def test_a_drained_client_resumes_on_another_node_and_nothing_is_lost_or_d
 
 @pytest.mark.parametrize("nodes", ["in_process", "processes"])
 async def test_a_rolling_restart_of_three_nodes_loses_nothing(nodes, gateway, redis_server, http, tmp_path):
+    await rolling_restart(nodes, gateway, redis_server, http, tmp_path)
+
+
+async def rolling_restart(nodes: str, gateway, redis_server, http, tmp_path, **options) -> list[Numbered]:
     """Three nodes on one Redis; each in turn is replaced: the new one starts, the old
-    one drains (in-process: stop(); processes: `gateway run` and SIGTERM)."""
+    one drains (in-process: stop(); processes: `gateway run` and SIGTERM). `options`:
+    the clients' (reliable=: the route has reliable: too). Returns the clients, settled."""
     fleet = Fleet()
     ep = await fleet.endpoint()
     made = itertools.count()
     procs: list[Proc] = []
 
     async def start():
-        cfg = node_cfg(f"n{next(made)}", redis_server.url, ep.url)
+        cfg = node_cfg(f"n{next(made)}", redis_server.url, ep.url, reliable="reliable" in options)
         if nodes == "in_process":
             return await gateway(cfg)
         p = Proc(tmp_path, cfg, name=cfg["node_id"])
@@ -468,7 +475,7 @@ async def test_a_rolling_restart_of_three_nodes_loses_nothing(nodes, gateway, re
     def url() -> str:
         return live[next(pick) % len(live)].url + "/ws"
 
-    clients = [Numbered(f"u{i}", url) for i in range(5)]
+    clients = [Numbered(f"u{i}", url, **options) for i in range(5)]
     try:
         for c in clients:
             await c.start()
@@ -494,13 +501,21 @@ async def test_a_rolling_restart_of_three_nodes_loses_nothing(nodes, gateway, re
     if procs:
         drained = [e for p in procs[:3] for e in p.logs() if e["event"] == "drain_done"]
         assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained)
+    return clients
 
 
 async def test_a_backend_restart_is_reattached_and_the_client_stays_open(gateway):
+    await backend_restart(gateway)
+
+
+async def backend_restart(gateway, **options) -> Numbered:
+    """One backend endpoint of two restarts under the traffic; the client, with `options`
+    (reliable=: the route has reliable: too), does not even see it. Returns it, settled."""
     fleet = Fleet()
     e1, e2 = await fleet.endpoint(), await fleet.endpoint()
-    gw = await gateway(reattach_config(e1.url, e2.url, route={"auth": "required"}, auth=jwt_auth()))
-    c = Numbered("erin", gw.url + "/ws")
+    route = {"auth": "required", **({"reliable": None} if "reliable" in options else {})}
+    gw = await gateway(reattach_config(e1.url, e2.url, route=route, auth=jwt_auth()))
+    c = Numbered("erin", gw.url + "/ws", **options)
     try:
         await c.start()
         await flowing([c])
@@ -515,6 +530,7 @@ async def test_a_backend_restart_is_reattached_and_the_client_stays_open(gateway
         await e2.stop()
     assert c.rec.opens == [False] and c.rec.closes == [(1000, "", False)]
     assert c.rec.states == [("closed", "connecting"), ("connecting", "open"), ("open", "closed")]
+    return c
 
 
 async def test_a_refused_resume_starts_a_fresh_session_and_says_so(gateway, backend):

@@ -18,26 +18,21 @@ from gateway_client.reliable import ACK_EVERY
 
 from ..conftest import proxy_config
 from ..helpers import free_port
-from ..integration.fleet import Fleet, holds, on
-from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, env, flowing, jwt_for, node_cfg, read,  # noqa: F401
-                                 settle)
+from ..integration.fleet import Fleet, holds
+from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, backend_restart, env, flowing,  # noqa: F401
+                                 jwt_for, node_cfg, read, rolling_restart, settle)
 
 
 def reliable_node(node_id: str, redis_url: str, *endpoints: str, **limits) -> dict:
-    cfg = node_cfg(node_id, redis_url, *endpoints)
-    cfg["routes"][0]["reliable"] = None          # the doc's defaults
+    cfg = node_cfg(node_id, redis_url, *endpoints, reliable=True)
     if limits:
         cfg["limits"] = limits
     return cfg
 
 
-class ReliableNumbered(Numbered):
+def reliable_numbered(sub: str, url, **options) -> Numbered:
     """test_python_client's numbered client, in reliable mode."""
-
-    def __init__(self, sub: str, url, **options):
-        super().__init__(sub, url)
-        self.client = GatewayClient(url, token=jwt_for(sub), backoff=FAST, reliable="require", **options)
-        self.rec = Recorder(self.client)
+    return Numbered(sub, url, reliable="require", **options)
 
 
 class Proxy:
@@ -177,7 +172,7 @@ async def test_connections_cut_without_a_close_resume_and_lose_nothing(pair):
     fleet, nodes = pair
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
-    clients = [ReliableNumbered(f"cut{i}", proxy.url + "/ws") for i in range(3)]
+    clients = [reliable_numbered(f"cut{i}", proxy.url + "/ws") for i in range(3)]
     try:
         for c in clients:
             await c.start()
@@ -206,7 +201,7 @@ async def test_a_half_open_connection_is_taken_over_and_loses_nothing(pair, capl
     fleet, nodes = pair
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
-    c = ReliableNumbered("frozen", proxy.url + "/ws", heartbeat_s=0.2)
+    c = reliable_numbered("frozen", proxy.url + "/ws", heartbeat_s=0.2)
     caplog.set_level(logging.INFO, logger="gateway.cluster")
     try:
         await c.start()
@@ -309,62 +304,14 @@ def acked(gw, sid: str) -> int:
 
 
 # ---------------------------------------------------------------- planned: nodes and backends
-async def test_a_rolling_restart_in_reliable_mode_loses_nothing(gateway, redis_server):
-    """Three reliable nodes on one Redis; each in turn is replaced (the new one starts,
-    the old one drains): the clients resume with the drain's token and last=."""
-    fleet = Fleet()
-    ep = await fleet.endpoint()
-    made = itertools.count()
-
-    async def start():
-        return await gateway(reliable_node(f"n{next(made)}", redis_server.url, ep.url))
-
-    live = [await start(), await start(), await start()]
-    pick = itertools.count()
-
-    def url() -> str:
-        return live[next(pick) % len(live)].url + "/ws"
-
-    clients = [ReliableNumbered(f"r{i}", url) for i in range(4)]
-    try:
-        for c in clients:
-            await c.start()
-        await flowing(clients)
-        for old in list(live):
-            fresh = await start()
-            live.remove(old)
-            live.append(fresh)
-            await old.stop()
-            assert not old.node.sessions
-            await flowing(clients)
-        await settle(clients, fleet)
-    finally:
-        for c in clients:
-            await c.client.close()
-        await ep.stop()
-    for c in clients:
-        one_session(c, fleet)
-        assert all(code == 1012 and retry for code, _, retry in c.rec.closes[:-1]), c.rec.closes
-    resumes = sum(len(c.rec.opens) - 1 for c in clients)
-    assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == resumes
+@pytest.mark.parametrize("nodes", ["in_process", "processes"])
+async def test_a_rolling_restart_in_reliable_mode_loses_nothing(nodes, gateway, redis_server, http, tmp_path):
+    """test_python_client's rolling restart of three nodes, the route and the clients in
+    reliable mode: each drain's 1012 token resumes with last=."""
+    for c in await rolling_restart(nodes, gateway, redis_server, http, tmp_path, reliable="require"):
+        assert c.rec.resume_failures == [] and c.rec.errors == []
 
 
-async def test_a_backend_restart_in_reliable_mode_is_reattached_and_the_client_stays_open(gateway, redis_server):
-    fleet = Fleet()
-    e1, e2 = await fleet.endpoint(), await fleet.endpoint()
-    gw = await gateway(reliable_node("node-a", redis_server.url, e1.url, e2.url))
-    c = ReliableNumbered("backend", gw.url + "/ws")
-    try:
-        await c.start()
-        await flowing([c])
-        old = e1 if on(gw, e1.url) else e2
-        await old.restart()
-        await holds(lambda: on(gw, (e2 if old is e1 else e1).url) == 1, BOUND_S, "moved to the other endpoint")
-        await flowing([c])
-        await settle([c], fleet)
-    finally:
-        await c.client.close()
-        await e1.stop()
-        await e2.stop()
-    assert c.rec.opens == [False] and c.rec.closes == [(1000, "", False)]
-    assert c.rec.resume_failures == []
+async def test_a_backend_restart_in_reliable_mode_is_reattached_and_the_client_stays_open(gateway):
+    c = await backend_restart(gateway, reliable="require")
+    assert c.rec.resume_failures == [] and c.rec.errors == []
