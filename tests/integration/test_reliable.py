@@ -260,6 +260,30 @@ def jwt_env(monkeypatch):
     monkeypatch.setenv("RELIABLE_JWT_SECRET", SECRET)
 
 
+async def resume_and_count(peer: Peer, url: str, query: str, numbered, up: int, sent: int, more: int) -> Peer:
+    """Resume `peer`'s session at `url` (`query` with the token; last= is what `peer`
+    kept), check the hello (`up`: what the backend took), send c<up+1>..c<sent>, read
+    `more` past `last`; then each way: nothing lost, nothing twice, order kept, plain
+    messages at the backend, which saw the resume."""
+    sid = peer.hello["session"]
+    last = len(peer.got)
+    again = await Peer.connect(url, query=f"{query}&last={last}")
+    # The hello: a fresh token, what the backend took, and where the client's count stands.
+    assert again.hello["session"] == sid and again.hello["up"] == up and again.hello["down"] == last
+    assert again.hello["token"] != peer.hello["token"]
+    assert len(numbered.got[sid]) == up
+    for i in range(up + 1, sent + 1):   # what the gateway did not take, then new ones
+        again.send(f"c{i}")
+    again.got = list(peer.got)
+    await again.read_until(lambda: len(again.got) >= last + more, f"{more} more after the resume")
+    assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
+    await until(lambda: _async(len(numbered.got[sid]) == sent), what=f"the backend got c1..c{sent}")
+    assert numbered.got[sid] == [f"c{i}" for i in range(1, sent + 1)]
+    assert numbered.handshakes[-1]["Gateway-Session-Id"] == sid
+    assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+    return again
+
+
 @pytest.mark.parametrize("kept", ["all", 15])
 async def test_a_drained_reliable_session_resumes_with_last_on_another_node(gateway, redis_server, numbered,
                                                                            jwt_env, kept):
@@ -287,20 +311,8 @@ async def test_a_drained_reliable_session_resumes_with_last_on_another_node(gate
     if kept != "all":
         del peer.got[kept:]
     last = len(peer.got)
-    again = await Peer.connect(b.url, query=f"?access_token={token}&{reason}&last={last}")
-    # The hello: a fresh token, what the backend took, and where the client's count stands.
-    assert again.hello["session"] == sid and again.hello["up"] == 23 and again.hello["down"] == last
-    assert again.hello["token"] != peer.hello["token"]
-    for i in range(24, 31):
-        again.send(f"c{i}")
-    again.got = list(peer.got)
-    await again.read_until(lambda: len(again.got) >= last + 30, "30 more after the resume")
-    # Nothing lost, nothing twice, in order, each way; the backend saw plain messages.
-    assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
-    await until(lambda: _async(len(numbered.got[sid]) == 30), what="the backend got c1..c30")
-    assert numbered.got[sid] == [f"c{i}" for i in range(1, 31)]
-    assert numbered.handshakes[-1]["Gateway-Session-Id"] == sid
-    assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+    # c21..c23 were sent after the 1012: the backend has them all.
+    again = await resume_and_count(peer, b.url, f"?access_token={token}&{reason}", numbered, 23, 30, 30)
     assert "last=" not in numbered.handshakes[-1].get("Gateway-Original-URI", "")
     assert PROTO not in numbered.handshakes[-1].get("Sec-WebSocket-Protocol", "")
     # The replayed messages are in the new window until acked, as live ones.
@@ -330,7 +342,7 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
         gateway, request, numbered, jwt_env, store):
     """The client's TCP goes without a close. What the gateway sent and the client did
     not ack is replayed after `last`; what the client wrote and the gateway never took
-    (its send buffer, lost with the connection) is sent again after `up`."""
+    (queued while the network was gone) is sent again after `up`."""
     a, b = await nodes(gateway, request, store, numbered.url, ack_every=5, ack_ms=20)
     token = jwt_for("carol")
     peer = await Peer.connect(a.url, query=f"?access_token={token}")
@@ -346,23 +358,7 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
     await until(lambda: gone_from(a, sid), what="the session left node A")
     kept = min(len(peer.got), 12)    # it lost some of what it had read too
     del peer.got[kept:]
-    resumed_from = numbered.handshakes[-1]
-    again = await Peer.connect(b.url, query=f"?access_token={token}&resume={peer.hello['token']}&last={kept}")
-    assert again.hello["session"] == sid and again.hello["down"] == kept
-    up = again.hello["up"]
-    assert up == len(numbered.got[sid]) == 10
-    for i in range(up + 1, 21):        # what the gateway did not take, then new ones
-        again.send(f"c{i}")
-    again.got = list(peer.got)
-    await again.read_until(lambda: len(again.got) >= kept + 40, "40 more after the resume")
-    assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
-    await until(lambda: _async(len(numbered.got[sid]) == 20), what="the backend got c1..c20")
-    assert numbered.got[sid] == [f"c{i}" for i in range(1, 21)]
-    assert numbered.handshakes[-1] is not resumed_from
-    assert numbered.handshakes[-1]["Gateway-Session-Id"] == sid
-    assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
-    # The hello's token was single use; the new one resumes the next drop.
-    assert again.hello["token"] != peer.hello["token"]
+    await resume_and_count(peer, b.url, f"?access_token={token}&resume={peer.hello['token']}", numbered, 10, 20, 40)
 
 
 async def test_a_push_to_a_parked_reliable_session_is_replayed_after_the_rest(gateway, numbered, jwt_env, http,
@@ -443,17 +439,8 @@ async def test_a_half_open_session_is_taken_over_by_the_resume(gateway, request,
         sent_before = numbered.sent[sid]
         await until(lambda: _async(numbered.sent[sid] >= sent_before + 20), what="the backend sends on")
         assert not await gone_from(a, sid)     # node A still thinks the old connection lives
-        last = len(peer.got)
-        again = await Peer.connect(b.url, query=f"?access_token={token}&resume={peer.hello['token']}&last={last}")
-        assert again.hello["session"] == sid and again.hello["up"] == 5 and again.hello["down"] == last
-        for i in range(6, 11):
-            again.send(f"c{i}")
-        again.got = list(peer.got)
-        await again.read_until(lambda: len(again.got) >= sent_before + 40, "what the backend sent meanwhile, and more")
-        assert again.got == [f"s{i}".encode() for i in range(1, len(again.got) + 1)]
-        await until(lambda: _async(len(numbered.got[sid]) == 10), what="the backend got c1..c10")
-        assert numbered.got[sid] == [f"c{i}" for i in range(1, 11)]
-        assert numbered.handshakes[-1].get("Gateway-Resumed") == "1"
+        await resume_and_count(peer, b.url, f"?access_token={token}&resume={peer.hello['token']}", numbered, 5, 10,
+                               sent_before + 40 - len(peer.got))
         assert await gone_from(a, sid) or a is b
     finally:
         await hole.stop()
