@@ -500,8 +500,8 @@ export class GatewayClient {
     }
     s.told = s.told || Boolean(message);
     if (this._rel !== null && !s.opened && NO_SUBPROTOCOL.test(message ?? '')) {
-      // The ws package fails a 101 that selects none of the offered subprotocols
-      // (as browsers do, without saying why): the route has no reliable:.
+      // ws and Node's WebSocket fail a 101 that selects none of the offered subprotocols
+      // and say so (browsers fail it without a word): the route has no reliable:.
       s.noReliable = true;
     }
     const error = event?.error instanceof Error ? event.error
@@ -528,10 +528,10 @@ export class GatewayClient {
       return;
     }
     if (this._o.reliable === 'prefer' && !s.opened && !s.told && s.resumeToken === null) {
-      // A browser fails a 101 that selects none of the offered subprotocols, and does not
-      // say why (ws and Node's WebSocket do: a refused connection, a status, no subprotocol): as far as can be
-      // told the route may lack reliable:. The next attempt goes the other way; the first
-      // to open decides.
+      // A browser fails a 101 that selects none of the offered subprotocols and does not
+      // say why (ws and Node's WebSocket do, as for a refused connection or a status): as
+      // far as can be told the route may lack reliable:. The next attempt goes the other
+      // way; the first to open decides.
       this._rel.unavailable = s.offeredReliable;
     }
     const decision = decide({
