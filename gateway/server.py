@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from . import auth, builtin, http1, httpbackend, metrics, reattach, resume
+from . import auth, builtin, http1, httpbackend, metrics, reattach, resume, tokens
 from .channels import Channels, RecentlyClosed
 from .dispatch import RoutePlan
 from .config import Config
@@ -25,6 +25,14 @@ from .session import LiveLimits, State
 from .upstream import BackendPool
 
 log = logging.getLogger("gateway.node")
+
+def loggable_reason(reason: str | None) -> str | None:
+    """A close reason fit for the log: a drain's `resume=<session>.<secret>` keeps
+    the session id and loses the secret (whoever reads the logs could resume it)."""
+    if reason and reason.startswith(tokens.REASON_PREFIX):
+        return reason.split(".", 1)[0] + ".<redacted>"
+    return reason
+
 
 class Routing:
     """What a config compiles to. Swapped whole on reload; sessions keep theirs."""
@@ -285,7 +293,7 @@ class Node:
         rm.open.dec()
         rm.closed(s.close_code)
         event(log, "close", conn=s.id, session=s.session_id, route=rm.route, code=s.close_code,
-              reason=s.close_reason, by=s.closer, duration_s=round(time.monotonic() - s.started, 3),
+              reason=loggable_reason(s.close_reason), by=s.closer, duration_s=round(time.monotonic() - s.started, 3),
               bytes_in=s.c_bytes, bytes_out=s.u_bytes, msgs_in=s.c_msgs, msgs_out=s.u_msgs)
         self.on_close(s)
 

@@ -7,13 +7,14 @@ message is counted at both ends: none lost, none twice, order kept."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import jwt
 import pytest
 from aiohttp import WSMsgType
 
-from gateway import frames, metrics
+from gateway import frames, metrics, tokens
 
 from ..conftest import proxy_config
 from ..helpers import RawClient, until
@@ -375,3 +376,15 @@ async def test_an_expired_token_is_410(gateway, redis_server, numbered, http):
     raw = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('ivy')}&resume={token}")
     assert raw.status == 410
     assert b"window has ended" in await raw.reader.read()
+
+
+async def test_the_close_log_line_keeps_the_session_id_not_the_resume_secret(gateway, redis_server, numbered, http,
+                                                                           caplog):
+    a, b = await two_nodes(gateway, redis_server, numbered.url)
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        token, sid, drain = await drained_token(a, http, "olga")
+        await asyncio.wait_for(drain, 10)
+    closes = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "close"]
+    assert closes and all(tokens.REASON_PREFIX + token not in str(f) for f in closes)
+    assert token.split(".", 1)[1] not in caplog.text + str(closes)
+    assert any(f["reason"] == f"resume={sid}.<redacted>" for f in closes)
