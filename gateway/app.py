@@ -192,10 +192,13 @@ class Gateway:
         if self.server is not None:
             self.server.close()
         await node.shutdown(node.loop.time() + 5.0)
-        if self.cluster is not None:
-            await self.cluster.stop()   # the closes' records, then this node, leave the store
+        # The admin listener goes before the store: a /v1 call then finds no
+        # listener (its caller tries another node) rather than a 503 from a node
+        # whose store is closing, which could follow a publish that did go out.
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.cluster is not None:
+            await self.cluster.stop()   # the closes' records, then this node, leave the store
         event(log, "stopped", node=node.node_id)
 
     async def run_until_signal(self) -> None:
