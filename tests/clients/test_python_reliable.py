@@ -19,6 +19,7 @@ from gateway_client.reliable import ACK_EVERY
 from ..conftest import proxy_config
 from ..helpers import free_port
 from ..integration.fleet import Fleet, holds
+from ..integration.numbered import NumberedBackend
 from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, backend_restart, env, flowing,  # noqa: F401
                                  jwt_for, node_cfg, read, rolling_restart, settle)
 
@@ -40,7 +41,8 @@ class Proxy:
     of `targets()` (ports, round robin). `cut()` aborts every socket it holds (the
     client sees its TCP reset, no close frame); `freeze()` stops forwarding on the
     connections it holds and closes nothing (a NAT timeout, a dead wifi): both
-    ends think the connection lives. New connections pass as before."""
+    ends think the connection lives. New connections pass as before, unless `held`:
+    then they wait (the network is still down) until `held` is cleared."""
 
     def __init__(self, targets):
         self.targets = targets
@@ -49,6 +51,19 @@ class Proxy:
         self.port = 0
         self.conns: list[dict] = []
         self.tasks: set[asyncio.Task] = set()
+        self.open = asyncio.Event()
+        self.open.set()
+
+    @property
+    def held(self) -> bool:
+        return not self.open.is_set()
+
+    @held.setter
+    def held(self, value: bool) -> None:
+        if value:
+            self.open.clear()
+        else:
+            self.open.set()
 
     @property
     def url(self) -> str:
@@ -59,6 +74,7 @@ class Proxy:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _conn(self, reader, writer) -> None:
+        await self.open.wait()
         ports = self.targets()
         port = ports[next(self.picks) % len(ports)]
         try:
@@ -145,6 +161,20 @@ async def test_reliable_mode_is_invisible_to_the_app_and_to_the_backend(gateway,
     assert "gateway.reliable.v1" not in b.requests[0].get("Sec-WebSocket-Protocol", "")
 
 
+async def test_the_clients_acks_keep_a_small_gateway_window_flowing(gateway):
+    """The gateway's window holds 8 and the client acks every 64 (the hello names no
+    ack_every): only its ack_ms timer lets the backend's stream go past 8."""
+    numbered = NumberedBackend(interval_s=0.001)
+    await numbered.start()
+    try:
+        gw = await gateway(proxy_config(numbered.url, route={"reliable": {"max_unacked_messages": 8}}))
+        async with GatewayClient(gw.url + "/ws", reliable="require", backoff=FAST) as client:
+            got = await read(client, 40)
+    finally:
+        await numbered.stop()
+    assert got == [f"s{i}" for i in range(1, 41)]
+
+
 async def test_prefer_goes_plain_on_a_route_without_it_and_require_says_why(gateway, backend):
     b = await backend()
     gw = await gateway(proxy_config(b.url))
@@ -166,9 +196,18 @@ async def test_prefer_goes_plain_on_a_route_without_it_and_require_says_why(gate
 
 
 # ---------------------------------------------------------------- unplanned drops
+async def cut_and_park(proxy: Proxy, nodes) -> None:
+    """Cut every connection through `proxy` and keep the network down until the
+    gateway has let the sessions go (parked), as a real outage does."""
+    proxy.held = True
+    proxy.cut()
+    await holds(lambda: not any(n.node.sessions for n in nodes), BOUND_S, "the sessions parked")
+    proxy.held = False
+
+
 async def test_connections_cut_without_a_close_resume_and_lose_nothing(pair):
     """The proxy aborts the clients' TCP connections (1006 at the client) three times;
-    each comes back with resume= and last= to the other node."""
+    each comes back with resume= and last= to the other node once the network is back."""
     fleet, nodes = pair
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
@@ -178,7 +217,8 @@ async def test_connections_cut_without_a_close_resume_and_lose_nothing(pair):
             await c.start()
         await flowing(clients)
         for cut in range(3):
-            assert proxy.cut() == len(clients)
+            assert len(proxy.conns) == len(clients)
+            await cut_and_park(proxy, nodes)
             await holds(lambda: all(len(c.rec.opens) == cut + 2 and c.client.state is State.OPEN for c in clients),
                         BOUND_S, f"every client resumed after cut {cut + 1}")
             await flowing(clients)
@@ -241,7 +281,7 @@ async def test_a_resume_the_gateway_cannot_serve_is_refused_and_a_fresh_session_
         await client.connect()
         (first,) = {h["Gateway-Session-Id"] for h in fleet.handshakes}
         await holds(lambda: fleet.sent[first] >= 50, BOUND_S, "the backend sent 50 the client does not read")
-        proxy.cut()
+        await cut_and_park(proxy, [gw])
         reader = asyncio.ensure_future(read(client, 10**9))   # the client reads again: it sees the cut
         reader.add_done_callback(lambda t: t.cancelled() or t.exception())
         await holds(lambda: len(rec.opens) == 2 and client.state is State.OPEN, BOUND_S, "a fresh session")
@@ -281,7 +321,7 @@ async def test_a_resume_asking_for_what_was_acked_already_is_refused_window(gate
         await holds(lambda: acked(gw, sid) > 1, BOUND_S, "the gateway trimmed what the client acked")
         target[0] = free_port_url                 # the old client's resumes go nowhere
         token = old.reliable_token
-        proxy.cut()
+        await cut_and_park(proxy, [gw])
         new.resume_token = token
         await new.connect()
         assert len(rec.resume_failures) == 1 and rec.resume_failures[0].startswith("resume refused: window"), \
