@@ -101,11 +101,13 @@ class Channels:
                 del self.members[name]
 
     def publish(self, name: str, opcode: int, payload: bytes, exclude=None, *, held=None,
-                offset: int | None = None) -> int:
+                offset: int | None = None, skip=None) -> int:
         """Send one message to every member; returns how many sessions took it.
 
         `held` maps members that are catching up on history to a list: their
         copy is appended there as (offset, frame) instead of sent, and counted.
+        `skip`: session ids the publisher reaches another way (parked sessions,
+        whose replay buffer it appends to): not sent here, not counted.
         """
         members = self.members.get(name)
         self.published += 1
@@ -115,7 +117,7 @@ class Channels:
         n = 0
         # A copy: a write may end a session (and so change the members) under us.
         for s in list(members):
-            if s is exclude:
+            if s is exclude or (skip and s.session_id in skip):
                 continue
             if held is not None and s in held:
                 held[s].append((offset, frame))

@@ -45,6 +45,18 @@ def _pack(header: dict, payload: bytes = b"") -> bytes:
     return orjson.dumps(header) + b"\n" + payload
 
 
+def _parked(index: dict) -> frozenset:
+    """Sessions an index names as detached: the publisher appends to their replay
+    buffers itself (parked.add_to_answer), so no node sends them the message too,
+    not even the one still capturing a session it is draining."""
+    return frozenset(sid for sid, node in index.items() if node == DETACHED_NODE)
+
+
+def _skip(header: dict) -> frozenset | None:
+    skip = header.get("skip")
+    return frozenset(skip) if isinstance(skip, list) and skip else None
+
+
 def _unpack(data: bytes) -> tuple[dict, bytes]:
     head, _, payload = data.partition(b"\n")
     return orjson.loads(head), payload
@@ -131,7 +143,8 @@ class Delivery:
             # A message that wants no answer: a chat room's line from another node.
             if op == "chan":
                 try:
-                    self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"))
+                    self._fan_out(header["chan"], header["opcode"], payload, header.get("offset"),
+                                  _skip(header))
                 except (KeyError, TypeError, ValueError):
                     event(log, "bus_message_unreadable", logging.WARNING, size=len(data))
             return
@@ -152,10 +165,9 @@ class Delivery:
         """What another node asked this one to do, on this node's own sessions."""
         node = self.node
         if op == "sub":
-            frame = frames.frame(h["opcode"], payload)
-            return {"n": sum(1 for s in list(node.by_sub.get(h["sub"]) or ()) if s.send_raw(frame))}
+            return {"n": self._send_sub(h["sub"], frames.frame(h["opcode"], payload), _skip(h))}
         if op == "chan":
-            return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"))}
+            return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"), _skip(h))}
         if op == "ep_drain":
             return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
         if op == "trace":   # before the session lookup: a finished trace outlives its session
@@ -191,9 +203,13 @@ class Delivery:
             s = self.by_session.get(any_id)
         return s
 
-    def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None) -> int:
+    def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None, skip=None) -> int:
         held = self._held.get(name)
-        return self.node.channels.publish(name, opcode, payload, held=held, offset=offset)
+        return self.node.channels.publish(name, opcode, payload, held=held, offset=offset, skip=skip)
+
+    def _send_sub(self, sub: str, frame: bytes, skip=None) -> int:
+        return sum(1 for s in list(self.node.by_sub.get(sub) or ())
+                   if not (skip and s.session_id in skip) and s.send_raw(frame))
 
     async def _join_local(self, s, name: str, since: int | None, epoch: str | None) -> dict:
         channels = self.node.channels
@@ -367,9 +383,12 @@ class Delivery:
         nodes = set(index.values())
         nodes.discard(self.node_id)
         nodes.discard(DETACHED_NODE)
-        frame = frames.frame(opcode, payload)
-        n = sum(1 for s in list(self.node.by_sub.get(sub) or ()) if s.send_raw(frame))
-        answers, missing = await self._ask(nodes, {"op": "sub", "sub": sub, "opcode": opcode}, payload)
+        parked = _parked(index)
+        n = self._send_sub(sub, frames.frame(opcode, payload), parked)
+        header = {"op": "sub", "sub": sub, "opcode": opcode}
+        if parked:
+            header["skip"] = sorted(parked)
+        answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
         await self.parked.add_to_answer(index, out, opcode, payload)
@@ -385,8 +404,11 @@ class Delivery:
         nodes = {m.get("node") for m in members.values()}
         nodes.discard(self.node_id)
         nodes.discard(DETACHED_NODE)
-        n = self._fan_out(name, opcode, payload, offset)
+        parked = _parked({sid: m.get("node") for sid, m in members.items()})
+        n = self._fan_out(name, opcode, payload, offset, parked)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
+        if parked:
+            header["skip"] = sorted(parked)
         if not confirm:
             data = _pack({**header, "from": self.node_id}, payload)   # no rid: no answer wanted
             for other in nodes:

@@ -388,3 +388,36 @@ async def test_the_close_log_line_keeps_the_session_id_not_the_resume_secret(gat
     assert closes and all(tokens.REASON_PREFIX + token not in str(f) for f in closes)
     assert token.split(".", 1)[1] not in caplog.text + str(closes)
     assert any(f["reason"] == f"resume={sid}.<redacted>" for f in closes)
+
+
+async def test_a_channel_push_to_a_session_being_drained_is_replayed_once(gateway, redis_server, numbered, http):
+    """After its 1012 a session is parked in the store and still captured on its node: a push
+    reaches it once, through whichever path, from its own node or another."""
+    a, b = await two_nodes(gateway, redis_server, numbered.url)
+    raw = await RawClient.connect(f"{a.url}/ws?access_token={jwt_for('pia')}")
+    assert raw.status == 101
+    sid = sid_of(a)
+    status, _ = await api(http, a, "PUT", f"/v1/connections/{sid}/channels/room")
+    assert status == 200
+    drain = asyncio.ensure_future(a.stop())
+    while True:   # the client has the 1012 and does not answer yet: the session is captured
+        op, _, payload = await raw.recv_frame()
+        if op == frames.OP_CLOSE:
+            token = payload[2:].decode().removeprefix("resume=")
+            break
+    answers = []
+    for gw, body in ((a, "pushed-on-a"), (b, "pushed-on-b")):
+        status, answer = await api(http, gw, "POST", "/v1/channels/room/messages", data=body)
+        assert status == 200
+        answers.append(answer)
+    raw.send_frame(frames.OP_CLOSE, frames.close_payload(1000, ""))
+    await asyncio.wait_for(drain, 10)
+    resumed = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('pia')}&resume={token}")
+    assert resumed.status == 101
+    got = []
+    while got.count("pushed-on-a") + got.count("pushed-on-b") < 2 or len(got) < 100:
+        op, _, payload = await resumed.recv_frame()
+        got.append(payload.decode())
+    assert (got.count("pushed-on-a"), got.count("pushed-on-b")) == (1, 1), answers
+    assert [x["delivered"] for x in answers] == [1, 1]
+    resumed.close()
