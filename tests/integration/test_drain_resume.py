@@ -390,9 +390,9 @@ async def test_the_close_log_line_keeps_the_session_id_not_the_resume_secret(gat
     assert any(f["reason"] == f"resume={sid}.<redacted>" for f in closes)
 
 
-async def test_a_channel_push_to_a_session_being_drained_is_replayed_once(gateway, redis_server, numbered, http):
-    """After its 1012 a session is parked in the store and still captured on its node: a push
-    reaches it once, through whichever path, from its own node or another."""
+async def test_a_push_to_a_session_being_drained_is_replayed_once(gateway, redis_server, numbered, http):
+    """After its 1012 a session is parked in the store and still captured on its node: a channel
+    or user push reaches it once, through whichever path, from its own node or another."""
     a, b = await two_nodes(gateway, redis_server, numbered.url)
     raw = await RawClient.connect(f"{a.url}/ws?access_token={jwt_for('pia')}")
     assert raw.status == 101
@@ -406,8 +406,10 @@ async def test_a_channel_push_to_a_session_being_drained_is_replayed_once(gatewa
             token = payload[2:].decode().removeprefix("resume=")
             break
     answers = []
-    for gw, body in ((a, "pushed-on-a"), (b, "pushed-on-b")):
-        status, answer = await api(http, gw, "POST", "/v1/channels/room/messages", data=body)
+    for gw, path, body in ((a, "/v1/channels/room/messages", "pushed-on-a"),
+                           (b, "/v1/channels/room/messages", "pushed-on-b"),
+                           (a, "/v1/users/pia/messages", "to-pia-on-a")):
+        status, answer = await api(http, gw, "POST", path, data=body)
         assert status == 200
         answers.append(answer)
     raw.send_frame(frames.OP_CLOSE, frames.close_payload(1000, ""))
@@ -415,9 +417,10 @@ async def test_a_channel_push_to_a_session_being_drained_is_replayed_once(gatewa
     resumed = await RawClient.connect(f"{b.url}/ws?access_token={jwt_for('pia')}&resume={token}")
     assert resumed.status == 101
     got = []
-    while got.count("pushed-on-a") + got.count("pushed-on-b") < 2 or len(got) < 100:
+    pushes = ("pushed-on-a", "pushed-on-b", "to-pia-on-a")
+    while sum(got.count(p) for p in pushes) < 3 or len(got) < 100:
         op, _, payload = await resumed.recv_frame()
         got.append(payload.decode())
-    assert (got.count("pushed-on-a"), got.count("pushed-on-b")) == (1, 1), answers
-    assert [x["delivered"] for x in answers] == [1, 1]
+    assert [got.count(p) for p in pushes] == [1, 1, 1], answers
+    assert [x["delivered"] for x in answers] == [1, 1, 1]
     resumed.close()
