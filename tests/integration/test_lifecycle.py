@@ -36,7 +36,7 @@ class Proc:
         self.url = f"ws://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin}"
 
-    async def ready(self, http, timeout=15):
+    async def ready(self, http, timeout=60):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.p.poll() is None, self.stderr.read_text()
