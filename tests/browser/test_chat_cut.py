@@ -240,7 +240,7 @@ async def test_the_chat_page_resumes_through_cut_connections_in_reliable_mode_lo
     assert contiguous("c", series(state["received"], "c")) == sent
     bot = contiguous("s", series(state["received"], "s"))
     assert bot >= 90
-    assert proxy.connections == 3 and proxy.cuts == 2
+    assert proxy.cuts == 2 and proxy.connections >= 3   # more: a resume answered 503 while the old one was parked
 
     # At the backend: one session, its upstream opened again on each resume; c1..cN once each, in order.
     (sid,) = chat.said
