@@ -146,7 +146,7 @@ async def test_js_client_against_two_gateway_nodes(node_modules, gateway, backen
         rc, output = await run_node("--test", "test/gateway.test.js", env={
             "JS_GW_A": a.url, "JS_GW_B": b.url, "JS_GW_ADMIN_A": a.admin_url, "JS_GW_ADMIN_TOKEN": ADMIN_TOKEN,
             "JS_GW_JWT_SECRET": SECRET, "JS_GW_RESULT": str(result), "JS_GW_RESULT_CUT": str(cut_result)})
-        assert_ran(rc, output, at_least=8)
+        assert_ran(rc, output, at_least=9)
         await asyncio.wait_for(drainer, 10)
         # The bearer subprotocol carried the token and went no further.
         (offer,) = [h.get("Sec-WebSocket-Protocol") for h in echo.requests]

@@ -253,3 +253,18 @@ test('reliable mode: the TCP connection cut without a close (twice): resumed, no
     const received = contiguous('s', got);
     writeFileSync(env.JS_GW_RESULT_CUT, JSON.stringify({ sent, received, closes }));
   });
+
+test("reliable 'prefer' on a route without reliable: goes plain; 'require' closes, saying why", { skip }, async () => {
+  const token = jwt({ sub: 'fay', exp: hour() });
+  const p = new GatewayClient(`${env.JS_GW_B}/num`, { token, reliable: 'prefer' });
+  const got = [];
+  p.on('message', (m) => got.push(m));
+  assert.deepEqual(await next(p, 'open'), { resumed: false });
+  await until(() => got.length >= 5, 'plain messages from the backend', 10_000);
+  contiguous('s', got);
+  assert.equal(p.unacked, 0);
+  await p.close();
+  const r = new GatewayClient(`${env.JS_GW_B}/num`, { token, reliable: 'require' });
+  await until(() => r.state === 'closed', 'closed', 10_000);
+  assert.match(r.closeReason, /did not select gateway\.reliable\.v1 \(the route has no reliable:\)/);
+});
