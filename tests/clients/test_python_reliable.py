@@ -12,12 +12,13 @@ import itertools
 import logging
 
 import pytest
+from aiohttp import web
 
 from gateway_client import GatewayClient, ReliableUnavailable, State
 from gateway_client.reliable import ACK_EVERY
 
 from ..conftest import proxy_config
-from ..helpers import free_port
+from ..helpers import free_port, serve
 from ..integration.fleet import Fleet, holds
 from ..integration.numbered import NumberedBackend
 from .test_python_client import (BOUND_S, FAST, Numbered, Recorder, backend_restart, env, flowing,  # noqa: F401
@@ -193,6 +194,53 @@ async def test_prefer_goes_plain_on_a_route_without_it_and_require_says_why(gate
     await require.close()
     with pytest.raises(ValueError, match="reliable must be"):
         GatewayClient(gw.url + "/ws", reliable="always")    # type: ignore[arg-type]
+
+
+async def test_a_hello_whose_counts_do_not_match_starts_a_fresh_session_and_says_why():
+    """A server speaking the wire format by hand: its first connection sends three `d`
+    and drops without a close; the resume (resume= and last=3) gets a hello that
+    resumes after message 1 (the server lost state): the client says so and starts a
+    new session, where what it sent and did not see acked goes again."""
+    seen: list[dict] = []
+    got: list[str] = []
+
+    async def ws(request):
+        n = len(seen)
+        seen.append(dict(request.query))
+        resp = web.WebSocketResponse(protocols=["gateway.reliable.v1"])
+        await resp.prepare(request)
+        down = [0, 1, 0][min(n, 2)]
+        await resp.send_str('h{"v": 1, "session": "s", "token": "s.t%d", "up": 0, "down": %d}' % (n, down))
+        if n == 0:
+            for i in range(1, 4):
+                await resp.send_str(f"ds{i}")
+            async for msg in resp:
+                got.append(msg.data)
+                if len(got) == 1:
+                    request.transport.abort()    # no close frame: 1006 at the client
+        else:
+            async for msg in resp:
+                got.append(msg.data)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    runner, port = await serve(app)
+    client = GatewayClient(f"ws://127.0.0.1:{port}/ws", reliable="require", backoff=FAST)
+    rec = Recorder(client)
+    try:
+        await client.connect()
+        assert await read(client, 3) == ["s1", "s2", "s3"]
+        await client.send("c1")              # read all three first: the drop loses none of them
+        await holds(lambda: len(seen) == 3 and client.state is State.OPEN, BOUND_S, "a third connection")
+        assert seen == [{}, {"resume": "s.t0", "last": "3"}, {}]
+        assert rec.resume_failures == ["the gateway resumed after message 1, this client has received 3"]
+        assert rec.opens == [False, False]
+        await holds(lambda: len(got) == 2, BOUND_S, "c1 sent again on the new session")
+        assert got == ["dc1", "dc1"]          # with its kind byte, once per session
+    finally:
+        await client.close()
+        await runner.cleanup()
 
 
 # ---------------------------------------------------------------- unplanned drops
