@@ -62,6 +62,13 @@ def _unpack(data: bytes) -> tuple[dict, bytes]:
     return orjson.loads(head), payload
 
 
+def _pushed(s, sent: bool) -> dict:
+    """A push's answer for one live session: a reliable one whose window is full says so."""
+    if not sent and s.rel is not None and s.rel.window.full:
+        return {"delivered": 0, "buffer_full": 1}
+    return {"delivered": 1 if sent else 0}
+
+
 def _reply_body(reply: dict) -> dict:
     """A bus reply without the bus's own fields: the answering node's answer as it gave it."""
     return {k: v for k, v in reply.items() if k not in ("op", "rid", "node")}
@@ -181,7 +188,8 @@ class Delivery:
         if op == "takeover":
             return {"n": 1 if self._drop_here(s, h["th"]) else 0}
         if op == "conn":
-            return {"n": 1 if s.send_message(h["opcode"], payload) else 0}
+            pushed = _pushed(s, s.send_message(h["opcode"], payload))
+            return {"n": pushed["delivered"], **({"buffer_full": 1} if "buffer_full" in pushed else {})}
         if op == "close":
             s.gateway_close(h["code"], h["reason"])
             return {"n": 1, "connection": s.id}
@@ -292,7 +300,7 @@ class Delivery:
                     raise ApiError(507, "the session is detached and its replay buffer is full; "
                                         "the message was not kept", connection=any_id)
                 return {"delivered": 1, "buffered": 1}
-            return {"delivered": 1 if s.send_message(opcode, payload) else 0}
+            return _pushed(s, s.send_message(opcode, payload))
         for _ in range(3):
             if await self._where(any_id) is not None:
                 break
@@ -307,7 +315,7 @@ class Delivery:
                                     "the message was not kept", connection=any_id, session=det["session"])
             return {"delivered": 1, "buffered": 1}
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
-        return {"delivered": answer.get("n", 0)}
+        return {"delivered": answer.get("n", 0), **({"buffer_full": 1} if answer.get("buffer_full") else {})}
 
     async def take_over(self, sid: str, token_hash: str) -> bool:
         """A reliable session's client resumes while its old connection still looks

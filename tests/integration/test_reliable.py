@@ -162,6 +162,30 @@ async def test_a_full_window_stops_reading_the_upstream_until_an_ack(gateway, nu
     assert peer.got[:30] == [f"s{i}".encode() for i in range(1, 31)]
 
 
+async def test_a_push_past_the_window_is_refused_as_buffer_full(gateway, backend, http, monkeypatch):
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t")
+    b = await backend(compress=False)
+    gw = await gateway(reliable_cfg(b.url, max_unacked_messages=5))
+    peer = await Peer.connect(gw.url)
+    s = session_of(gw)
+    for i in range(5):
+        peer.send(f"e{i}")     # five echoes fill the window
+    await until(lambda: _async(s.rel.window.full), what="the window full")
+
+    async def push():
+        async with http.post(f"{gw.admin_url}/v1/connections/{s.id}/messages?type=text", data=b"pushed",
+                             headers={"Authorization": "Bearer t"}) as r:
+            assert r.status == 200
+            return await r.json()
+    assert await push() == {"delivered": 0, "buffer_full": 1}
+    await peer.read_until(lambda: len(peer.got) == 5, "the window's 5")
+    peer.ack()
+    await until(lambda: _async(not s.rel.window.full), what="room again")
+    assert (await push())["delivered"] == 1
+    await peer.read_until(lambda: b"pushed" in peer.got, "the push once there is room")
+    assert peer.got.count(b"pushed") == 1
+
+
 async def test_the_window_bound_counts_bytes_too(gateway, backend):
     async def big(ws, request):
         for i in range(20):
