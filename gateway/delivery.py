@@ -182,11 +182,11 @@ class Delivery:
             if answer is None:
                 raise ApiError(404, "unknown connection", connection=h["id"])
             return answer
+        if op == "takeover":   # before the lookup: a session being parked is no longer indexed as live
+            return {"n": 1 if self._drop_here(self._holding(h["id"]), h["th"]) else 0}
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
-        if op == "takeover":
-            return {"n": 1 if self._drop_here(s, h["th"]) else 0}
         if op == "conn":
             pushed = _pushed(s, s.send_message(h["opcode"], payload))
             return {"n": pushed["delivered"], **({"buffer_full": 1} if "buffer_full" in pushed else {})}
@@ -323,22 +323,37 @@ class Delivery:
         now, which parks the session as a real drop does. True when a node did; the
         resume then waits for the seal. `token_hash`: of the hello's token, which only
         that node knows, so nobody else can have a live session cut."""
-        s = self.local(sid)
+        s = self._holding(sid)
         if s is not None:
             return self._drop_here(s, token_hash)
         try:
             rec = await self._where(sid)
-            if rec is None or rec.get("node") in (None, DETACHED_NODE, self.node_id):
-                return False
-            answers, _ = await self._ask([rec["node"]], {"op": "takeover", "id": sid, "th": token_hash})
+            if rec is not None and rec.get("node") not in (None, DETACHED_NODE, self.node_id):
+                nodes = {rec["node"]}
+            else:
+                nodes = await self._other_nodes()   # its live record may not be written yet: ask every node
+            answers, _ = await self._ask(nodes, {"op": "takeover", "id": sid, "th": token_hash})
         except StoreUnavailable:
             return False
-        return bool(answers.get(rec["node"], {}).get("n"))
+        return any(a.get("n") for a in answers.values())
+
+    def _holding(self, sid: str):
+        """This node's session `sid`, live or being parked (its record not written yet)."""
+        s = self.local(sid)
+        if s is None:
+            drainer = self.node.drainer
+            s = next((c.s for c in (drainer.captures if drainer is not None else ()) if c.sid == sid), None)
+        return s
 
     @staticmethod
     def _drop_here(s, token_hash: str) -> bool:
-        rel = s.rel
-        if rel is None or s.state is not State.OPEN or not hmac.compare_digest(rel.token_hash, token_hash):
+        """True when the resume should wait for `s` to be parked (it is, or will be now)."""
+        rel = s.rel if s is not None else None
+        if rel is None or not hmac.compare_digest(rel.token_hash, token_hash):
+            return False
+        if s.capture is not None:
+            return True    # dropped already, its record on the way: the resume waits for it
+        if s.state is not State.OPEN:
             return False
         event(log, "reliable_takeover", conn=s.id, session=s.session_id)
         s.transport.abort()   # its connection_lost parks it (drain.Drainer.dropped)

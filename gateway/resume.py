@@ -87,17 +87,20 @@ async def claim(node, raw: str, token: str | None):
     sub = claims.get("sub") if claims and isinstance(claims.get("sub"), str) else None
     loop = asyncio.get_running_loop()
     wait_until = loop.time() + SEAL_WAIT_S
-    taking_over = False
+    taking_over = asked = False
     while True:
         try:
             status, rec = await store.take(sid, th, sub, node.node_id, LEASE_S)
         except StoreUnavailable:
             raise Refusal(503, "resume refused: session store unreachable; retry",
                           metric="resume_store_unavailable", headers=(("Retry-After", "2"),)) from None
-        if status == d.UNKNOWN and not taking_over and refusal is None:
-            # Not detached: a reliable session whose old connection still looks alive is let go now.
+        if status == d.UNKNOWN and not asked and refusal is None:
+            # Not detached: a reliable session whose old connection still looks alive is let go
+            # now. Asked once; a session parked meanwhile is found by the take that follows.
+            asked = True
             taking_over = await node.cluster.delivery.take_over(sid, th)
             wait_until = loop.time() + TAKEOVER_WAIT_S
+            continue
         if not (status == d.PENDING or taking_over and status == d.UNKNOWN) or loop.time() >= wait_until:
             break
         await asyncio.sleep(0.05)

@@ -385,6 +385,46 @@ async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_m
     await resume_and_count(peer, b.url, f"?access_token={token}&resume={peer.hello['token']}", numbered, 10, 20, 40)
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_resume_right_after_the_drop_waits_for_the_park(gateway, request, numbered, jwt_env, store):
+    """The client is back before the old node has written the detached record (it is
+    still closing the upstream): the resume waits for it instead of being told 401."""
+    a, b = await nodes(gateway, request, store, numbered.url)
+    token = jwt_for("hank")
+    peer = await Peer.connect(a.url, query=f"?access_token={token}")
+    sid = peer.hello["session"]
+    for i in range(1, 4):
+        peer.send(f"c{i}")
+    await peer.read_until(lambda: len(peer.got) >= 10, "traffic")
+    await until(lambda: _async(len(numbered.got[sid]) == 3), what="the backend got c1..c3")
+    s = session_of(a)
+    # Hold the park back: the session is dropped, its record not written, when the resume comes.
+    store_of_a = a.node.cluster.store.detached
+    release = asyncio.Event()
+    park = store_of_a.park
+
+    async def slow_park(items):
+        await release.wait()
+        return await park(items)
+    store_of_a.park = slow_park
+    delivery = b.node.cluster.delivery
+    take_over = delivery.take_over
+    asked: list[bool] = []
+
+    async def recorded(*args):
+        asked.append(await take_over(*args))
+        return asked[-1]
+    delivery.take_over = recorded
+    peer.raw.writer.transport.abort()
+    await until(lambda: _async(s.capture is not None), what="dropped, parking")
+    resuming = asyncio.ensure_future(
+        resume_and_count(peer, b.url, f"?access_token={token}&resume={peer.hello['token']}", numbered, 3, 6, 20))
+    await until(lambda: _async(asked), what="the resume asked for the session")
+    assert asked == [True] and not resuming.done()   # told to wait: the session is being parked
+    release.set()
+    await asyncio.wait_for(resuming, 10)
+
+
 async def test_a_push_to_a_parked_reliable_session_is_replayed_after_the_rest(gateway, numbered, jwt_env, http,
                                                                                monkeypatch):
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t")
