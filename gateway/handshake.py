@@ -32,6 +32,13 @@ _NOT_FORWARDED = frozenset({
 })
 
 
+def own_offer(client_offer) -> str | None:
+    """What the 101 names when the client offered only `bearer.<token>` (and perhaps
+    gateway.reliable.v1 on a route without it): browsers fail a handshake whose answer
+    names none of the offered protocols, so echo the client's own."""
+    return next((p for p in client_offer if p != reliable.SUBPROTOCOL), None)
+
+
 class Handshake(asyncio.Protocol):
     """The protocol of a client socket from accept to the 101."""
 
@@ -200,7 +207,8 @@ class Handshake(asyncio.Protocol):
             link.connected = True
         if backend is None or backend.type != "websocket":
             s.sink = plan.actions if backend is None else routing.sinks[backend.name]
-            self._go_live(routing, route, frames.accept_key(key), None, None, None, b"", greeting)
+            protocol = None if offered else own_offer(client_offer)
+            self._go_live(routing, route, frames.accept_key(key), protocol, None, None, b"", greeting)
             if welcome is not None:
                 plan.connect.apply_channels(s, welcome)
             return
@@ -248,9 +256,7 @@ class Handshake(asyncio.Protocol):
             protocol = reliable.SUBPROTOCOL
             greeting = make_reliable(s, rel, *(resumed_reliable or (None, 0, 0))[1:])
         elif not protocol and not offered:
-            # The client offered only `bearer.<token>`: browsers fail a handshake
-            # whose answer names none of the offered protocols, so echo its own.
-            protocol = next((p for p in client_offer if p != reliable.SUBPROTOCOL), None)
+            protocol = own_offer(client_offer)
         self._go_live(routing, route, frames.accept_key(key), protocol, extensions, transport, leftover, greeting)
         if welcome is not None:
             plan.connect.apply_channels(s, welcome)

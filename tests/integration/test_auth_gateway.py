@@ -384,3 +384,21 @@ async def test_client_leaving_during_a_slow_jwks_fetch_leaves_nothing_behind(gat
     finally:
         gate.set()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("backend_type", ["websocket", "builtin"])
+async def test_a_token_offered_only_as_a_subprotocol_is_echoed_in_the_101(gateway, backend, backend_type):
+    """Browsers fail a 101 that names none of the protocols they offered: with nothing else
+    offered, the answer names the client's own bearer entry, whatever the backend."""
+    b = await backend()
+    cfg = config(b.url)
+    if backend_type == "builtin":
+        cfg["backends"] = {"b": {"type": "builtin", "handler": "echo"}}
+    gw = await gateway(cfg)
+    entry = f"bearer.{hs()}"
+    c = await RawClient.connect(gw.url + "/ws", {"Sec-WebSocket-Protocol": entry})
+    assert c.status == 101
+    assert c.headers.get("sec-websocket-protocol") == entry
+    c.send_frame(frames.OP_TEXT, b"hi")
+    assert (await c.recv_frame())[2] == b"hi"
+    c.close()
