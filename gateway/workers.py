@@ -20,14 +20,33 @@ from .logs import event
 log = logging.getLogger("gateway.supervisor")
 
 
+def _die_with(parent: int):
+    """A worker's preexec: when the supervisor dies (even by SIGKILL), the kernel
+    sends the worker SIGTERM, so it drains and exits instead of serving on,
+    orphaned, on the shared port. Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG; kept across exec
+        if os.getppid() != parent:      # the supervisor died before the line above
+            os._exit(1)
+    return preexec
+
+
 def supervise(config_path: str, n: int, grace_s: float) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     from . import metrics
 
+    preexec = _die_with(os.getpid())
+
     def spawn(i: int) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", config_path,
-                                 "--worker-index", str(i)])
+                                 "--worker-index", str(i)], preexec_fn=preexec)
 
     procs = {i: spawn(i) for i in range(n)}
     started = {i: time.monotonic() for i in range(n)}

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -219,6 +218,34 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(proc, ba
             assert (await ws.receive()).data == "z"
     p.p.send_signal(signal.SIGTERM)
     assert await p.wait() == 0
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(proc, backend, http):
+    """SIGKILL to the supervisor (an OOM kill, a crashed parent): its workers drain and exit,
+    rather than serve on, orphaned, on the port."""
+    b = await backend()
+    p = proc(proxy_config(b.url, workers=2, drain={"timeout_s": 2}))
+    await p.ready(http)
+    pids = await until(lambda: asyncio.sleep(0, next((e["pids"] for e in p.logs()
+                                                      if e["event"] == "supervisor_started"), None)),
+                       what="the supervisor's workers")
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie has exited and waits for a parent to reap it: not serving.
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    assert all(alive(pid) for pid in pids)
+    p.p.kill()
+    p.p.wait()
+    await until(lambda: asyncio.sleep(0, not any(alive(pid) for pid in pids)), timeout_s=30,
+                what="both workers gone after their supervisor")
 
 
 async def test_default_config_echoes_with_no_other_service(http, tmp_path):
