@@ -20,7 +20,7 @@ import logging
 
 import orjson
 
-from . import frames, metrics, reattach
+from . import frames, metrics, reattach, traced
 from .config import ChannelRule
 from .errors import ApiError, ChannelError, HistoryError, StoreUnavailable
 from .logs import event
@@ -513,7 +513,7 @@ class Delivery:
                 raise ApiError(409, f"connection is {s.state.name.lower()}: only an open session can be traced",
                                connection=s.id)
             t = self.traces.begin(s.id, s.session_id, max_frames, max_s)
-            s.trace_on(t)
+            traced.start(s, t)
             return t.started_json()
         t = self.traces.find(any_id)
         if t is None:
@@ -523,7 +523,7 @@ class Delivery:
         if what == "stop" and t.ended is None:
             s = self.local(t.conn)
             if s is not None and s.trace is t:
-                s.trace_off("stopped")
+                traced.stop(s, "stopped")
             else:
                 t.end("stopped")
                 t.flush()

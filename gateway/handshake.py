@@ -16,7 +16,8 @@ import time
 
 from . import auth, frames, http1, httpbackend, reattach, reliable, resume
 from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
-from .relay import Session, log as session_log, make_reliable
+from .relay import Session, log as session_log
+from .reliable_session import make_reliable
 from .routing import strip_query, upstream_target
 from .session import Event, State, advance
 

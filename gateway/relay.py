@@ -19,9 +19,10 @@ close frames, messages from sinks and the management API) goes out only at
 a frame boundary, so neither peer ever sees a torn frame; the upstream can be
 let go and another attached at a boundary the same way (`detach_upstream`,
 `attach_upstream`). How a session closes is in gateway/closing.py; where its
-state may move is in gateway/session.py. A debug trace (gateway/trace.py)
-swaps in `TracedSession` for as long as it runs, so a session that is not
-traced runs exactly the code here.
+state may move is in gateway/session.py. A debug trace (gateway/trace.py,
+traced.start) swaps in `traced.TracedSession` for as long as it runs, so a
+session that is not traced runs exactly the code here; a reliable session (docs/reliable.md) is a
+`reliable_session.ReliableSession`, chosen at the handshake.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import os
 import secrets
 import time
 
-from . import frames, reliable, tokens
+from . import frames
 from .auth import TokenBucket
 from .closing import NULL_UPSTREAM as _NULL, Closing, log
 from .errors import (GOING_AWAY, INVALID_PAYLOAD, MESSAGE_TOO_BIG, POLICY_VIOLATION, PROTOCOL_ERROR,
@@ -42,8 +43,7 @@ from .replay import Draining
 from .seam import Seam, Side, fileno
 from .session import Close, CloseEvent, Event, Link, SideState, State, advance
 
-__all__ = ["ReliableSession", "Session", "Side", "TracedReliableSession", "TracedSession", "make_reliable",
-           "new_id", "log"]
+__all__ = ["Session", "Side", "new_id", "log"]
 
 _oswrite = os.write
 _monotonic = time.monotonic
@@ -752,37 +752,9 @@ class Session(Closing, Seam, Moving, Draining):
         self._abort_client()
 
     # ------------------------------------------------------------ debug trace
-    def trace_on(self, trace) -> None:
-        """Start copying this session's frames to `trace` (a trace.Trace), until
-        its bounds or the session's end.
-
-        Nothing on the per-message path asks whether a trace runs: the
-        session's class becomes TracedSession, whose relay methods feed the
-        trace and then run these, and each socket's Side is bound to them
-        again (uvloop caches data_received at set_protocol). Every later
-        `self.from_upstream` (an upstream attached or moved to) finds the
-        traced one by itself. `trace_off` swaps the plain ones back.
-        """
-        self.trace = trace
-        self.__class__ = TracedSession if self.rel is None else TracedReliableSession
-        self._rebind_sides()
-        trace.timer = self.node.loop.call_later(trace.max_s, self.trace_off, "max_s")
-
-    def trace_off(self, why: str) -> None:
-        trace = self.trace
-        if trace is None:
-            return
-        self.trace = None
-        trace.end(why)
-        trace.flush()
-        if trace.timer is not None:
-            trace.timer.cancel()
-            trace.timer = None
-        self.__class__ = _plain(self)
-        self._rebind_sides()
-
     def _rebind_sides(self) -> None:
-        """Each socket whose Side reads into this session's relay: bound to the current class's method."""
+        """Each socket whose Side reads into this session's relay: bound to the
+        current class's method (after traced.start or traced.stop changed it)."""
         for transport in (self.transport, self.up, self.leaving):
             get = getattr(transport, "get_protocol", None)   # not on the hold, nor on a gone upstream
             side = get() if get is not None else None
@@ -793,342 +765,4 @@ class Session(Closing, Seam, Moving, Draining):
                     transport.set_protocol(side)
 
 
-def make_reliable(s: Session, cfg, up: int = 0, down: int = 0) -> bytes:
-    """Make `s` a reliable session (docs/reliable.md) before it goes live, with the
-    counts so far (`up`, `down`: non-zero on a resume). Returns the hello frame,
-    which rides with the 101; its token is the one a resume after a drop takes."""
-    s.__class__ = ReliableSession
-    rel = s.rel = reliable.Peer(cfg, up, down)
-    token, rel.token_hash = tokens.new(s.session_id)
-    return frames.frame(OP_TEXT, reliable.hello(s.session_id, token, up, down))
-
-
-class ReliableSession(Session):
-    """A session that speaks gateway.reliable.v1 with its client (docs/reliable.md).
-
-    Every message between client and gateway carries a kind byte, so both
-    relay directions run on whole messages here: a client `d` goes upstream
-    without its kind byte, an upstream message goes to the client with one and
-    is kept in the window until the client acks it. When the window is full
-    the upstream is not read (TCP backpressure on the backend). Plain sessions
-    never run this code; the class is chosen once, at the handshake.
-    """
-
-    __slots__ = ()
-
-    # ------------------------------------------------- client -> upstream
-    def from_client_relay(self, data: bytes) -> None:
-        """Every read from a reliable client: whole messages, kind byte checked and stripped.
-
-        The loop is from_client_messages' (a sink's), written out again on purpose: the
-        sink's per-message path stays as it was, with no call per message added to it."""
-        self.c_seen = True
-        self.c_bytes += len(data)
-        if self.c_need or self.c_buf:
-            data = self._join_client(data)
-            if data is None:
-                return
-        if self.client.received or self.upstream.sent_close:
-            return
-        n = len(data)
-        pos = 0
-        limit = self.max_message
-        while pos < n:
-            h = parse_header(data, pos)
-            if h is None:
-                self.c_buf = data[pos:]
-                break
-            b0, length, hlen, mask = h
-            end = pos + hlen + length
-            if end > n and length <= limit:
-                self.c_buf = bytearray(data[pos:])
-                self.c_need = end - pos
-                break
-            try:
-                opcode = self._check_client_frame(b0, length, mask)
-            except ProtocolViolation as v:
-                self._client_violation(v.code, v.reason)
-                return
-            payload = unmask(data[pos + hlen:end], mask) if length else b""
-            start = pos
-            pos = end
-            if opcode == OP_PING:
-                self._send_client(frames.frame(OP_PONG, payload))
-                continue
-            if opcode == OP_PONG:
-                continue
-            if opcode == OP_CLOSE:
-                parsed = frames.parse_close(payload)
-                if parsed is None:
-                    self._client_violation(PROTOCOL_ERROR, "invalid close frame")
-                    return
-                if self.closer != "gateway":
-                    self._send_upstream(data[start:end])   # the client's own close, as the relay passes it
-                self._client_close_frame(parsed)
-                return
-            if self.c_parts is None:
-                self.c_parts = [payload]
-            else:
-                self.c_parts.append(payload)
-            if b0 & 0x80:
-                parts = self.c_parts
-                self.c_parts = None
-                kind = self.c_msg
-                self.c_msg = 0
-                if len(parts) == 1:
-                    # One frame: it can go on as it came, masked, less its first byte.
-                    if not self._from_client(kind, payload, mask, data[start + hlen + 1:end]):
-                        return
-                elif not self._from_client(kind, b"".join(parts)):
-                    return
-
-    def _from_client(self, opcode: int, message: bytes, mask=None, masked: bytes = b"") -> bool:
-        """One whole client message. False when the session is failed for it.
-
-        `mask`, `masked`: a one-frame message's mask and its payload as it came,
-        without the kind byte; the frame upstream is then built without masking
-        again (the key turned by the byte cut off, RFC 6455 5.3)."""
-        if opcode == OP_TEXT and not frames.text_is_valid(message):
-            self._client_violation(INVALID_PAYLOAD, "invalid UTF-8 in text message")
-            return False
-        rel = self.rel
-        kind = message[0] if message else -1
-        if kind == reliable.DATA:
-            # Counted even when the rate limit drops it, so both sides' numbers stay in step.
-            if rel.inbound.take() >= rel.inbound.ack_every:
-                self._ack_now()
-            elif rel.ack_timer is None:
-                rel.ack_timer = self.node.loop.call_later(rel.ack_s, self._ack_due)
-            if self.c_drop:
-                return True
-            self.c_msgs += 1
-            if mask is None:
-                self._send_upstream(frames.frame(opcode, message[1:], mask=True))
-            else:
-                self._send_upstream(reliable.masked_head(opcode, len(masked)) + mask[1:] + mask[:1] + masked)
-            return True
-        if kind == reliable.ACK and opcode == OP_TEXT:
-            count = reliable.parse_ack(message[1:])
-            window = rel.window
-            full = window.full
-            if count is None or not window.ack(count):
-                self._client_violation(PROTOCOL_ERROR, "reliable: bad ack")
-                return False
-            if full and not window.full and not self.upstream.gone:
-                if self.u_buf:
-                    self.from_upstream(b"")   # what was read past the full window
-                if not window.full and not (self.stall_timer is not None and self.stall_client):
-                    self.up.resume_reading()
-            return True
-        self._client_violation(PROTOCOL_ERROR, "reliable: unknown kind byte")
-        return False
-
-    def _ack_now(self) -> None:
-        rel = self.rel
-        if rel.ack_timer is not None:
-            rel.ack_timer.cancel()
-            rel.ack_timer = None
-        count = rel.inbound.acking()
-        if count is not None:
-            self._send_client(frames.frame(OP_TEXT, reliable.ack(count)))
-
-    def _ack_due(self) -> None:
-        self.rel.ack_timer = None
-        if self.state is State.OPEN and not self.client.sent:
-            self._ack_now()
-
-    # ------------------------------------------------- upstream -> client
-    def from_upstream(self, data: bytes) -> None:
-        """Every read from the upstream: whole messages, each sent with its kind byte and kept."""
-        self.u_seen = True
-        self.u_bytes += len(data)
-        if self.u_need:   # a frame still arriving: appended, O(1) amortised
-            buf = self.u_buf
-            buf += data
-            if len(buf) < self.u_need:
-                return
-            data = bytes(buf)
-            self.u_buf = b""
-            self.u_need = 0
-        elif self.u_buf:
-            data = self.u_buf + data
-            self.u_buf = b""
-        if self.upstream.received:
-            return
-        rel = self.rel
-        n = len(data)
-        pos = 0
-        while pos < n:
-            h = parse_header(data, pos)
-            if h is None:
-                self.u_buf = data[pos:]
-                return
-            b0, length, hlen, mask = h
-            end = pos + hlen + length
-            opcode = b0 & 0x0F
-            if mask is not None or b0 & 0x70 or (opcode >= 8 and (length > 125 or not b0 & 0x80)):
-                # RFC 6455 5.1; and no extension was negotiated with it (the kind byte needs plain payloads).
-                self._upstream_failed("upstream protocol error", PROTOCOL_ERROR)
-                return
-            if opcode < 8 and rel.parts_size + length > self.max_message:
-                self._upstream_failed("upstream message over max_message_bytes", MESSAGE_TOO_BIG)
-                return
-            if end > n:
-                self.u_buf = bytearray(data[pos:])   # bounded: max_message_bytes, or a control frame
-                self.u_need = end - pos
-                return
-            payload = data[pos + hlen:end]
-            if opcode >= 8:
-                if opcode == OP_CLOSE:
-                    parsed = frames.parse_close(payload)
-                    if parsed is None:
-                        self._upstream_failed("upstream sent an invalid close frame", PROTOCOL_ERROR)
-                        return
-                    self._upstream_close_frame(parsed, data[pos:end])
-                    return
-                if opcode == OP_PING:
-                    self._send_upstream(frames.frame(OP_PONG, payload, mask=True))
-                pos = end
-                continue
-            pos = end
-            if (opcode == OP_CONT) != (rel.parts is not None) or opcode > OP_BINARY:
-                self._upstream_failed("upstream protocol error", PROTOCOL_ERROR)
-                return
-            if opcode != OP_CONT:
-                rel.msg_op = opcode
-                rel.parts = []
-            rel.parts.append(payload)
-            rel.parts_size += length
-            if b0 & 0x80:
-                parts, rel.parts = rel.parts, None
-                rel.parts_size = 0
-                self._to_client(rel.msg_op, parts[0] if len(parts) == 1 else b"".join(parts))
-                if rel.window.full and pos < n:
-                    self.u_buf = data[pos:]   # read again once an ack makes room: the bound holds exactly
-                    return
-
-    def _to_client(self, opcode: int, payload: bytes) -> bool:
-        """One whole message for the client: numbered, kept until acked, sent with its kind byte."""
-        if self.client.sent or self.state is not State.OPEN:
-            return False
-        window = self.rel.window
-        window.add(opcode, payload)
-        self.u_msgs += 1
-        self._send_client(frames.frame(opcode, b"d" + payload))
-        if window.full and not self.upstream.gone:
-            self.up.pause_reading()   # until an ack makes room (_from_client)
-        return True
-
-    # ------------------------------------------ frames the gateway sends itself
-    def send_message(self, opcode: int, payload: bytes) -> bool:
-        """A push or channel message: numbered like the upstream's; refused while the window is full."""
-        if self.capture is not None:
-            return self.capture.add(opcode, bytes(payload))   # draining: it goes to the replay buffer
-        if self.rel.window.full:
-            return False
-        self.u_bytes += len(payload)
-        return self._to_client(opcode, bytes(payload))
-
-    def send_raw(self, frame_bytes: bytes) -> bool:
-        h = parse_header(frame_bytes, 0)
-        if h is None:
-            return False
-        b0, length, hlen, _ = h
-        return self.send_message(b0 & 0x0F, frame_bytes[hlen:hlen + length])
-
-    # ------------------------------------------------------------ teardown
-    def client_lost(self) -> None:
-        """Gone without a close: parked for a resume (drain.Drainer.dropped), when it can be."""
-        drainer = self.node.drainer
-        if drainer is None or not drainer.dropped(self):
-            Session.client_lost(self)
-
-    def _client_timed_out(self) -> None:
-        """A client that stopped answering may come back (a dead wifi, a NAT timeout):
-        its transport is let go, and its loss parks the session (client_lost)."""
-        self.transport.abort()
-
-    # ------------------------------------------------------- backpressure
-    def unstalled(self, client_side: bool) -> None:
-        Session.unstalled(self, client_side)
-        if client_side and self.rel.window.full and not self.upstream.gone:
-            self.up.pause_reading()   # the window, not the socket, holds the upstream back now
-
-
 _RELAY_METHODS = frozenset({"from_client_relay", "from_client_messages", "from_upstream"})
-
-
-def _plain(s: Session) -> type[Session]:
-    """The class a traced session runs the relay of (and goes back to when the trace ends)."""
-    return Session if s.rel is None else ReliableSession
-
-
-class TracedSession(Session):
-    """A session with a debug trace running (Session.trace_on): the same relay,
-    with every read and every frame the gateway sends itself copied to the
-    trace first. Only traced sessions pay for it; the trace's own parser
-    (trace.Tap) reads the bytes, the relay's code is unchanged."""
-
-    __slots__ = ()
-
-    def _traced(self) -> None:
-        trace = self.trace
-        if trace is not None and trace.ended is not None:
-            self.trace_off(trace.ended)
-
-    def from_client_relay(self, data: bytes) -> None:
-        self.trace.up.feed(data)
-        self._traced()
-        _plain(self).from_client_relay(self, data)
-
-    def from_client_messages(self, data: bytes) -> None:
-        self.trace.up.feed(data)
-        self._traced()
-        _plain(self).from_client_messages(self, data)
-
-    def from_upstream(self, data: bytes) -> None:
-        tap = self.trace.down
-        if not self.u_remaining and not self.u_buf:
-            # The relay is at a frame boundary: so is the tap (a switch to another
-            # upstream drops an unfinished frame of the old one).
-            tap.reset()
-        tap.feed(data)
-        self._traced()
-        _plain(self).from_upstream(self, data)
-
-    def _send_client(self, data: bytes) -> None:
-        if not self.client.sent:
-            self.trace.own_down.feed(data)
-            self._traced()
-        _plain(self)._send_client(self, data)
-
-    def _send_upstream(self, data: bytes) -> None:
-        if not self.upstream.sent:
-            self.trace.own_up.feed(data)
-            self._traced()
-        _plain(self)._send_upstream(self, data)
-
-    def gateway_close(self, code: int, reason: str, *, at_once: bool = False) -> None:
-        sent, mid_frame = self.client.sent, self.u_remaining
-        _plain(self).gateway_close(self, code, reason, at_once=at_once)
-        if not sent and not mid_frame and self.client.sent and self.trace is not None:
-            # closing.py wrote the close frame to the client's transport itself
-            self.trace.own_down.feed(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
-            self._traced()
-
-    def _send_upstream_close(self, code: int, reason: str) -> None:
-        sent, mid_frame = self.upstream.sent, self.c_remaining
-        _plain(self)._send_upstream_close(self, code, reason)
-        if not sent and not mid_frame and self.trace is not None:
-            self.trace.own_up.feed(frames.frame(OP_CLOSE, frames.close_payload(code, reason)))
-            self._traced()
-
-    def _finish(self) -> None:
-        _plain(self)._finish(self)
-        self.trace_off("closed")
-
-
-class TracedReliableSession(TracedSession, ReliableSession):
-    """A reliable session with a debug trace running: TracedSession's copies, ReliableSession's relay."""
-
-    __slots__ = ()

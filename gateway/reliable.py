@@ -4,7 +4,7 @@ checks a resume with `last=` must pass.
 
 Numbers are implicit: each side counts the `d` messages it sends and takes.
 What runs per message here is a slot or two and an integer; nothing here does
-I/O, so the relay (relay.ReliableSession) stays the only socket code.
+I/O, so the relay (reliable_session.ReliableSession) stays the only socket code.
 """
 
 from __future__ import annotations

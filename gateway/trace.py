@@ -1,5 +1,5 @@
 """The debug trace of one session's frames: what it records, its bounds, and
-the node's traces. Pure: no I/O (the relay feeds it, see relay.TracedSession;
+the node's traces. Pure: no I/O (the relay feeds it, see traced.TracedSession;
 the management API starts and reads it, see docs/debug-trace.md).
 
 A `Trace` reads the bytes of each direction as they cross the gateway with

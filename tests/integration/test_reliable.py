@@ -235,7 +235,8 @@ async def test_a_push_to_a_reliable_session_is_numbered_like_the_backends_messag
 
 async def test_a_traced_reliable_session_keeps_the_reliable_relay_and_gets_it_back(gateway, backend, http,
                                                                                    monkeypatch):
-    from gateway.relay import ReliableSession, TracedReliableSession
+    from gateway.reliable_session import ReliableSession
+    from gateway.traced import TracedReliableSession
 
     monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t")
     b = await backend(compress=False)

@@ -10,7 +10,8 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from gateway import trace
-from gateway.relay import Session, TracedSession
+from gateway.relay import Session
+from gateway.traced import TracedSession
 
 from ..conftest import proxy_config
 from ..helpers import until
