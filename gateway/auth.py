@@ -757,6 +757,11 @@ def is_claim_header(name: str) -> bool:
     return name[: len(CLAIM_HEADER_PREFIX)].lower() == CLAIM_HEADER_PREFIX.lower()
 
 
+# What a forwarded claim value may be (forward_claim_headers): printable ASCII, no
+# surrounding space. Empty is allowed.
+_FORWARDABLE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?")
+
+
 def _header_value(v: Any) -> str | None:
     if v is None:
         return None
@@ -785,9 +790,12 @@ def forward_claim_headers(names: Sequence[str], claims: Mapping[str, Any]) -> li
     order, once. Absent or null claims are skipped. Values: strings as-is,
     booleans "true"/"false", numbers str(), lists joined with "," (so an
     element containing "," is ambiguous: upstream must not split blindly),
-    objects as compact ASCII JSON. A value containing any control character
-    (CR, LF, NUL, DEL, C1, ...) is DROPPED, not cleaned: it is either an
-    injection attempt or data we cannot represent faithfully.
+    objects as compact ASCII JSON. A value that is not printable ASCII (a
+    control character: CR, LF, NUL, DEL, C1...; any non-ASCII character) or
+    that starts or ends with a space is DROPPED, not cleaned: it is either an
+    injection attempt or data a header cannot carry faithfully (a websocket
+    upstream's head is latin-1, an HTTP backend's UTF-8, and header parsers
+    strip surrounding spaces: two subjects would reach the backend as one).
     Raises ValueError for a name that is not a valid header token.
     """
     out: list[tuple[str, str]] = []
@@ -802,7 +810,7 @@ def forward_claim_headers(names: Sequence[str], claims: Mapping[str, Any]) -> li
         value = _header_value(claims[name])
         if value is None:
             continue
-        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        if _FORWARDABLE.fullmatch(value) is None:
             continue
         out.append((header, value))
     return out
