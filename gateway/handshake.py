@@ -18,7 +18,7 @@ from . import auth, frames, http1, httpbackend, reattach, reliable, resume
 from .errors import POLICY_VIOLATION, NoBackendAvailable, Refusal, UpstreamRefused
 from .relay import Session, log as session_log
 from .reliable_session import make_reliable
-from .routing import strip_query, upstream_target
+from .routing import encode_path, strip_query, upstream_target
 from .session import Event, State, advance
 
 log = logging.getLogger("gateway.handshake")
@@ -316,6 +316,12 @@ def check_upgrade(head: http1.RequestHead) -> str:
                       headers=(("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
     if head.method != "GET":
         raise Refusal(405, "method not allowed", metric="bad_request")
+    # One reading of the bytes after the head: they are WebSocket frames. A body would
+    # make them ambiguous (a smuggled request to whoever reads it the other way).
+    if "transfer-encoding" in h or h.get("content-length", "0") != "0":
+        raise Refusal(400, "an upgrade request has no body", metric="bad_request")
+    if "," in h.get("host", ""):   # two Host headers, joined (RFC 9112 3.2: 400)
+        raise Refusal(400, "more than one Host", metric="bad_request")
     if h.get("sec-websocket-version") != "13":
         raise Refusal(426, "unsupported websocket version", metric="bad_version",
                       headers=(("Sec-WebSocket-Version", "13"),))
@@ -328,7 +334,8 @@ def check_upgrade(head: http1.RequestHead) -> str:
 def client_target(head: http1.RequestHead, drop_params: tuple[str, ...]) -> str:
     """The client's path and query, without credentials the gateway consumed."""
     query = strip_query(head.query_string, drop_params)
-    return f"{head.path}?{query}" if query else head.path
+    path = encode_path(head.path)
+    return f"{path}?{query}" if query else path
 
 
 def client_headers(head: http1.RequestHead, s: Session, identity, token: str | None) -> list[tuple[str, str]]:

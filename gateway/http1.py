@@ -9,12 +9,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from urllib.parse import parse_qsl, unquote, urlsplit
+import re
+from urllib.parse import parse_qsl, unquote
 
 from .errors import Refusal
 
 MAX_HEAD_BYTES = 16384
 MAX_HEADERS = 100
+
+# What a request head may not hold (SECURITY.md, "What the gateway refuses"): a
+# CR or LF that does not end a line, any other control character but HTAB, DEL.
+_BAD_HEAD = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+# A header name is an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A request target is visible ASCII, without a fragment ('#' is never sent).
+_BAD_TARGET = re.compile(r"[^\x21-\x7e]|#")
+# A decoded path holds no control character.
+_BAD_PATH = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(slots=True)
@@ -36,12 +47,15 @@ def parse_request(head: bytes) -> RequestHead:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
         raise Refusal(400, "bad request") from None
+    if _BAD_HEAD.search(text) is not None:
+        raise Refusal(400, "control character in the request head", metric="bad_request")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    # A WebSocket upgrade needs HTTP/1.1 (RFC 6455 4.1): HTTP/1.0 and anything else is 400.
+    if len(parts) != 3 or parts[2] != "HTTP/1.1":
         raise Refusal(400, "bad request line", metric="bad_request")
     method, target, _version = parts
-    if not target.startswith("/"):
+    if not target.startswith("/") or _BAD_TARGET.search(target) is not None:
         raise Refusal(400, "bad request target", metric="bad_request")
     if len(lines) - 1 > MAX_HEADERS:
         raise Refusal(431, "too many headers", metric="headers_too_large")
@@ -49,7 +63,7 @@ def parse_request(head: bytes) -> RequestHead:
     raw: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name or "\t" in name:
+        if not sep or _TOKEN.fullmatch(name) is None:
             raise Refusal(400, "bad header line", metric="bad_request")
         value = value.strip(" \t")
         raw.append((name, value))
@@ -58,18 +72,20 @@ def parse_request(head: bytes) -> RequestHead:
             headers[key] += ("; " if key == "cookie" else ", ") + value
         else:
             headers[key] = value
-    if target.startswith("//") or "#" in target or "\t" in target or "\r" in target or "\n" in target:
-        split = urlsplit(target)
-        path, query_string = split.path, split.query
-    else:
-        # What urlsplit returns for a target with no "//" (a netloc), no fragment
-        # and none of the characters it removes (tab, CR, LF), at a third of the cost.
-        path, _, query_string = target.partition("?")
+    # Origin-form only (RFC 9112 3.2.1): a target starting "//" is a path with an
+    # empty first segment, not a host; slashes are never merged.
+    path, _, query_string = target.partition("?")
     if "%" in path:
         try:
             path = unquote(path, errors="strict")
         except UnicodeDecodeError:
             raise Refusal(400, "bad request target", metric="bad_request") from None
+        if _BAD_PATH.search(path) is not None:
+            raise Refusal(400, "bad request target", metric="bad_request")
+    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+        # Dot segments (sent as they are or percent-encoded): a backend that resolves them
+        # would see a path other than the one the route was chosen for.
+        raise Refusal(400, "dot segment in the request path", metric="bad_request")
     query = dict(parse_qsl(query_string, keep_blank_values=True)) if query_string else {}
     return RequestHead(method=method, target=target, path=path, query_string=query_string,
                        headers=headers, raw_headers=raw, query=query)

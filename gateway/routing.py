@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from .paths import path_has_prefix
 
@@ -90,11 +90,19 @@ def upstream_target(endpoint_path: str, endpoint_query: str, route: CompiledRout
     if route.route.forward_path:
         rest = route.path_remainder(client_path)
         if rest:
+            rest = encode_path(rest)
             base = base.rstrip("/") + (rest if rest.startswith("/") else "/" + rest)
         extra = strip_query(client_query, drop_params)
         if extra:
             query = f"{query}&{extra}" if query else extra
     return f"{base}?{query}" if query else base
+
+
+def encode_path(path: str) -> str:
+    """A decoded path as it travels on (a request line, a header): percent-encoded again,
+    so a decoded space, '?', '#', '%' or non-ASCII character cannot change what the
+    backend reads. Decoded slashes stay slashes (SECURITY.md, "Paths")."""
+    return quote(path, safe="/:@!$&'()*+,;=")
 
 
 def strip_query(query: str, drop_params: tuple[str, ...]) -> str:

@@ -1,4 +1,6 @@
-"""gateway/http1.py: the request target is split as urlsplit splits it, shortcut or not."""
+"""gateway/http1.py: the request target is split as urlsplit splits a path-only target;
+targets a WebSocket client never sends (a fragment, whitespace, control or non-ASCII
+characters) are 400, and "//x" is a path, not a host (SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,14 @@ TARGETS = [
 ]
 
 
+REFUSED = {"/ws?a=1#frag", "/ws#f?x=1", "/a\tb", "/a\nb?c=\rd", "/caf\xe9", "/a?b=\xe9"}
+
+
 def reference(target: str) -> tuple[str, str, dict[str, str]]:
-    """The split before the shortcut: urlsplit for every target."""
-    split = urlsplit(target)
+    """The split before the shortcut: urlsplit (of the target as a path) for every target."""
+    if target in REFUSED:
+        raise UnicodeDecodeError("utf-8", b"", 0, 1, "refused")   # the 400 branch below
+    split = urlsplit("http://h" + target)
     return unquote(split.path, errors="strict"), split.query, dict(parse_qsl(split.query, keep_blank_values=True))
 
 
