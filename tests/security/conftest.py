@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from .. import httppeer
 from .support import ADMIN_TOKEN, JWT_ENV, SECRET, RawRecorder
+
+http_peer = httppeer.http_peer   # the fixture, for the HTTP-backend tests
 
 
 @pytest.fixture(autouse=True)
