@@ -183,7 +183,7 @@ class Delivery:
                 raise ApiError(404, "unknown connection", connection=h["id"])
             return answer
         if op == "takeover":   # before the lookup: a session being parked is no longer indexed as live
-            return {"n": 1 if self._drop_here(self._holding(h["id"]), h["th"]) else 0}
+            return {"n": 1 if self._drop_here(self._holding(h["id"]), h["th"], h.get("sub"), h.get("routes")) else 0}
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
@@ -317,22 +317,26 @@ class Delivery:
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
         return {"delivered": answer.get("n", 0), **({"buffer_full": 1} if answer.get("buffer_full") else {})}
 
-    async def take_over(self, sid: str, token_hash: str) -> bool:
+    async def take_over(self, sid: str, token_hash: str, sub: str | None = None, routes=None) -> bool:
         """A reliable session's client resumes while its old connection still looks
         alive (half-open, docs/reliable.md): the node holding it drops that connection
         now, which parks the session as a real drop does. True when a node did; the
         resume then waits for the seal. `token_hash`: of the hello's token, which only
-        that node knows, so nobody else can have a live session cut."""
+        that node knows, so nobody else can have a live session cut; and the resume's
+        subject `sub` and the `routes` its request matched, which must be the session's
+        (SECURITY.md: a token in another subject's hands cuts nothing)."""
+        routes = None if routes is None else list(routes)
         s = self._holding(sid)
         if s is not None:
-            return self._drop_here(s, token_hash)
+            return self._drop_here(s, token_hash, sub, routes)
         try:
             rec = await self._where(sid)
             if rec is not None and rec.get("node") not in (None, DETACHED_NODE, self.node_id):
                 nodes = {rec["node"]}
             else:
                 nodes = await self._other_nodes()   # its live record may not be written yet: ask every node
-            answers, _ = await self._ask(nodes, {"op": "takeover", "id": sid, "th": token_hash})
+            answers, _ = await self._ask(nodes, {"op": "takeover", "id": sid, "th": token_hash, "sub": sub,
+                                                 "routes": routes})
         except StoreUnavailable:
             return False
         return any(a.get("n") for a in answers.values())
@@ -346,11 +350,14 @@ class Delivery:
         return s
 
     @staticmethod
-    def _drop_here(s, token_hash: str) -> bool:
+    def _drop_here(s, token_hash: str, sub: str | None = None, routes=None) -> bool:
         """True when the resume should wait for `s` to be parked (it is, or will be now)."""
         rel = s.rel if s is not None else None
         if rel is None or not hmac.compare_digest(rel.token_hash, token_hash):
             return False
+        if s.route is not None and (s.route.wants_token and (s.sub or "") != (sub or "")
+                                    or routes is not None and s.route.name not in routes):
+            return False   # the take that follows refuses it (401): nothing to cut
         if s.capture is not None:
             return True    # dropped already, its record on the way: the resume waits for it
         if s.state is not State.OPEN:

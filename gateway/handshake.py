@@ -166,7 +166,7 @@ class Handshake(asyncio.Protocol):
         resumed_reliable = None   # (config, up, last) of a reliable session's resume
         drop_params = identity.query_params
         if resume_token is not None:
-            route, claims, rec = await resume.claim(node, resume_token, token)
+            route, claims, rec = await resume.claim(node, resume_token, token, candidates)
             self.resume = rec
             s.session_id = rec["session"]
             drop_params += ("resume", "last")

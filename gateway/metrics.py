@@ -72,7 +72,7 @@ draining = Gauge("gateway_draining", "1 while this node drains", **({"multiproce
 for _label in ("ok", "error"):
     config_reloads.labels(_label)
 for _label in ("unknown", "forged", "subject", "expired", "used", "leased", "overflowed", "pending", "lost",
-               "route_gone", "finish_failed", "store_unreachable_at_drain"):   # resume.py, drain.py
+               "route_gone", "other_route", "finish_failed", "store_unreachable_at_drain"):   # resume.py, drain.py
     resume_refusals.labels(_label)
 for _label in ("upstream_close", "unhealthy", "drained", "removed"):          # reattach.py
     reattach_failures.labels(_label)

@@ -69,8 +69,12 @@ def _refuse(status_name: str, retry_after_s: float | None = None) -> Refusal:
     return Refusal(status, reason, metric=f"resume_{status_name}")
 
 
-async def claim(node, raw: str, token: str | None):
-    """Check the token and take the session. Returns (route, claims, record)."""
+async def claim(node, raw: str, token: str | None, candidates=None):
+    """Check the token and take the session. Returns (route, claims, record).
+
+    `candidates`: the routes the request's path, host, headers and query match; the
+    session's own route must be one of them (a token does not carry a session to a
+    path it was never routed by)."""
     parsed = tokens.parse(raw)
     if parsed is None:
         raise _refuse(d.FORGED)
@@ -98,7 +102,8 @@ async def claim(node, raw: str, token: str | None):
             # Not detached: a reliable session whose old connection still looks alive is let go
             # now. Asked once; a session parked meanwhile is found by the take that follows.
             asked = True
-            taking_over = await node.cluster.delivery.take_over(sid, th)
+            taking_over = await node.cluster.delivery.take_over(
+                sid, th, sub, None if candidates is None else [c.name for c in candidates])
             wait_until = loop.time() + TAKEOVER_WAIT_S
             continue
         if not (status == d.PENDING or taking_over and status == d.UNKNOWN) or loop.time() >= wait_until:
@@ -118,6 +123,10 @@ async def claim(node, raw: str, token: str | None):
         metrics.resume_refusals.labels("route_gone").inc()
         raise Refusal(410, "resume refused: the session's route no longer exists; start a new session",
                       metric="resume_route_gone")
+    if candidates is not None and all(c.name != route.name for c in candidates):
+        await release(node, sid)
+        metrics.resume_refusals.labels("other_route").inc()
+        raise Refusal(401, "resume refused: the session belongs to another route", metric="resume_other_route")
     if route.wants_token and claims is None and (refusal is not None or route.needs_token):
         await release(node, sid)
         raise refusal or Refusal(401, "missing token", metric="missing_token")
