@@ -114,6 +114,8 @@ async def test_reliable_tokens_cannot_be_used_by_another_subject_route_or_twice(
             n = len(peer.got)
             peer.send("three")
             await peer.read_until(lambda: len(peer.got) > n, f"{who}'s traffic after the refusals")
+    for peer in (again, carol):
+        peer.raw.close()
     record(record_property, "reliable (websocket backend): A's resume token with bob's JWT, another secret, "
            "another route, no JWT, replayed, while live", len(cases) + 7,
            "401 (subject/forged/route/token), 410 replayed; A resumes and stays live", failures)

@@ -75,11 +75,13 @@ def test_no_secret_is_compared_with_eq_outside_the_listed_exceptions(record_prop
     assert not failures, failures
 
 
-def test_the_scan_finds_a_plain_comparison_of_a_token(tmp_path):
+def test_the_scan_finds_a_plain_comparison_of_a_token(record_property):
     """The scan can fail: a `==` on a token, written the way a slip would be."""
     tree = ast.parse("def check(got_token, expected):\n    return got_token == expected\n")
     (node,) = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
-    assert any(SECRETISH.search(n) for n in _names(node))
+    failures = [] if any(SECRETISH.search(n) for n in _names(node)) else ["got_token == expected not flagged"]
+    record(record_property, "the scan's pattern on `got_token == expected`", 1, "flagged", failures)
+    assert not failures
 
 
 class Recording:
