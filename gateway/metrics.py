@@ -11,6 +11,7 @@ start), so any worker's /metrics answers for the whole node.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 
@@ -66,6 +67,10 @@ nodes_reaped = Counter("gateway_nodes_reaped_total", "Dead nodes this node clean
                        ["what"])
 bus_requests = Counter("gateway_cluster_requests_total",
                        "Requests this node sent to other nodes through the store's bus", ["op", "result"])
+# Set at each scrape (and each flush) from the scraped process's loop: what a soak test
+# and an operator watch for a task leak. With workers, each worker's value is as of its
+# own last scrape or flush.
+asyncio_tasks = Gauge("gateway_asyncio_tasks", "Asyncio tasks alive in the gateway process(es)", **_gauge_mode)
 draining = Gauge("gateway_draining", "1 while this node drains", **({"multiprocess_mode": "max"} if MULTIPROC else {}))
 # Children that exist from the start, at 0: increase() needs an earlier sample,
 # so an alert on a series born at 1 would miss its first event (a failed reload).
@@ -227,6 +232,7 @@ class Flusher:
     def _tick(self, loop) -> None:
         self._timer = loop.call_later(FLUSH_S, self._tick, loop)   # first: a failed flush must not end the timer
         flush_local()
+        count_tasks()
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -235,8 +241,16 @@ class Flusher:
         flush_local()
 
 
+def count_tasks() -> None:
+    try:
+        asyncio_tasks.set(len(asyncio.all_tasks()))
+    except RuntimeError:          # no running loop (a scrape from a thread, a test)
+        pass
+
+
 def exposition() -> bytes:
     flush_local()   # this process's books; other workers' are flushed by their Flusher
+    count_tasks()
     if MULTIPROC:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
