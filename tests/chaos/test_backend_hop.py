@@ -6,9 +6,9 @@ sessions must not notice."""
 from __future__ import annotations
 
 
-from ..integration.fleet import BOUND_S, Fleet, holds, numbered_client, stop_sending, close
-from ..integration.numbered import contiguous
+from ..integration.fleet import BOUND_S, Fleet, close, holds
 from .counts import SCALE, Row
+from .streams import flowing, open_clients, prefixes_only, settle_intact
 from .proxy import ChaosProxy
 
 N = 4 * SCALE          # sessions per route
@@ -23,50 +23,6 @@ def two_routes(proxied: str, direct: str, **top) -> dict:
     }
     cfg.update(top)
     return cfg
-
-
-async def open_clients(http, gw, path: str, n: int):
-    out, sids = [], []
-    for _ in range(n):
-        before = set(gw.node.sessions)
-        c = await numbered_client(http, gw.url + path)
-        await holds(lambda: set(gw.node.sessions) - before, BOUND_S, "the session is live")
-        (conn,) = set(gw.node.sessions) - before
-        out.append(c)
-        sids.append(gw.node.sessions[conn].session_id)
-    return out, sids
-
-
-async def flowing(cs, more: int = 5) -> None:
-    marks = [len(c.got) for c in cs]
-    await holds(lambda: all(len(c.got) > m + more for c, m in zip(cs, marks)), BOUND_S, "traffic flows")
-
-
-async def settle_intact(row: Row, clients, fleet: Fleet, sids) -> None:
-    """Stop both ways, wait for every message, assert both streams complete and in order."""
-    for c in clients:
-        await stop_sending(c)
-    quiet = fleet.quiet
-    fleet.quiet = True
-    for c, sid in zip(clients, sids):
-        await holds(lambda: len(fleet.got[sid]) >= c.sent, BOUND_S, f"backend got {sid}'s messages")
-        await holds(lambda: len(c.got) >= fleet.sent[sid], BOUND_S, f"{sid} got the backend's messages")
-        assert contiguous("c", fleet.got[sid]) == c.sent
-        assert contiguous("s", c.got) == fleet.sent[sid]
-        assert c.closes == [], c.closes
-        row.add("c", c.sent, fleet.got[sid])
-        row.add("s", fleet.sent[sid], c.got)
-    fleet.quiet = quiet
-
-
-def prefixes_only(row: Row, clients, sids, fleet: Fleet) -> None:
-    """What arrived is a gapless prefix each way: only what was in flight at the fault
-    (written into the dead hop) is lost, nothing before it, nothing twice."""
-    for c, sid in zip(clients, sids):
-        contiguous("s", c.got)
-        contiguous("c", fleet.got[sid])
-        row.add("c", c.sent, fleet.got[sid])
-        row.add("s", fleet.sent[sid], c.got)
 
 
 async def setup(gateway, http, **top):
@@ -97,8 +53,7 @@ async def test_delay_on_the_backend_hop_loses_nothing(gateway, http, record_prop
     await flowing(pc + dc, more=40)
     proxy.mode = "pass"
     await settle_intact(row, pc, fleet, ps)
-    other = Row(record_property, "", "")
-    await settle_intact(other, dc, fleet, ds)
+    await settle_intact(None, dc, fleet, ds)
     row.done("unaffected")
     await teardown(proxy, eps, pc + dc)
 
@@ -112,7 +67,7 @@ async def test_stall_on_the_backend_hop(gateway, http, record_property):
     # The keepalive finds the upstream dead: 1011 "upstream failed" at a frame boundary.
     assert [c.closes[0][0] for c in pc] == [1011] * N
     prefixes_only(row, pc, ps, fleet)
-    await settle_intact(Row(record_property, "", ""), dc, fleet, ds)
+    await settle_intact(None, dc, fleet, ds)
     row.done("unaffected")
     await teardown(proxy, eps, pc + dc)
 
@@ -128,6 +83,6 @@ async def test_reset_mid_frame_on_the_backend_hop(gateway, http, record_property
     assert [c.closes[0][0] for c in pc] == [1006] * N
     assert proxy.resets >= N
     prefixes_only(row, pc, ps, fleet)
-    await settle_intact(Row(record_property, "", ""), dc, fleet, ds)
+    await settle_intact(None, dc, fleet, ds)
     row.done("unaffected")
     await teardown(proxy, eps, pc + dc)
