@@ -229,6 +229,8 @@ class MemoryDetached:
             return None
         buf = self.s._live(f"replay:{sid}") or []
         rest = buf if after is None else [e for e in buf if int(e[0]) > int(after)]
+        if d["rec"].get("connection"):     # the resumed session has its own connection id
+            self.s._drop(f"conn:{d['rec']['connection']}")
         self._end(sid, d, "used")
         return list(rest)
 

@@ -90,10 +90,15 @@ redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease', ARGV[3], 'lease_until'
 return {'ok', h[9]}
 """
 
-# KEYS: det, replay, detached zset. ARGV: node, after id ('-' for all), sid, ttl_ms (tombstone).
+# KEYS: det, replay, detached zset. ARGV: node, after id ('-' for all), sid, ttl_ms (tombstone), prefix.
+# The old connection's id stops naming the session: the resumed one has its own.
 _FINISH = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'lease')
+local h = redis.call('HMGET', KEYS[1], 'state', 'lease', 'rec')
 if h[1] ~= 'resuming' or h[2] ~= ARGV[1] then return false end
+if h[3] and h[3] ~= '' then
+  local rec = cjson.decode(h[3])
+  if type(rec['connection']) == 'string' then redis.call('DEL', ARGV[5] .. 'conn:' .. rec['connection']) end
+end
 local rest
 if ARGV[2] == '-' then
   rest = redis.call('XRANGE', KEYS[2], '-', '+')
@@ -217,7 +222,7 @@ class RedisDetached:
     async def finish(self, sid, node, after):
         async with self.s._guard("resume_finish"):
             rest = await self._script("finish", _FINISH)(
-                keys=self._keys(sid), args=[node, after or "-", sid, int(TOMBSTONE_S * 1000)])
+                keys=self._keys(sid), args=[node, after or "-", sid, int(TOMBSTONE_S * 1000), self.s._k("")])
         if rest is None:
             return None
         return _entries(rest)
