@@ -261,7 +261,12 @@ def format_path(path: Path) -> str:
 
 
 def _compose(text: str, doc: _Doc) -> Any:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, found before parsing
+        before = text[:exc.position]
+        line, col = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        raise ConfigError([f"{doc.source}:{line}:{col} YAML syntax: character {exc.character:#x} is not allowed"]) from None
     try:
         node = loader.get_single_node()
     except yaml.YAMLError as exc:
@@ -269,11 +274,54 @@ def _compose(text: str, doc: _Doc) -> Any:
         where = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{doc.source}:{where[0]}:{where[1]} YAML syntax: {problem}"]) from None
+    except RecursionError:
+        mark = loader.get_mark()
+        raise ConfigError([f"{doc.source}:{mark.line + 1}:{mark.column + 1} YAML nesting is too deep"]) from None
     finally:
         loader.dispose()
     if node is None:
         return {}
+    _check_size(node, doc)
     return _to_python(node, (), doc, loader)
+
+
+# What a config may expand to once aliases are followed: far above any real
+# config, far below what an alias bomb ("billion laughs") or a cycle would take.
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+def _check_size(root, doc: _Doc) -> None:
+    """Refuse an alias cycle, an alias bomb and deep nesting before anything is
+    expanded: the node graph is walked once (iteratively), each node's expanded
+    size counted once."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        kids = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if size[key] > MAX_NODES or depth[key] > MAX_DEPTH:
+                line, col = _mark(node)
+                what = (f"expands to more than {MAX_NODES} values (aliases)" if size[key] > MAX_NODES
+                        else f"nests deeper than {MAX_DEPTH} levels")
+                raise ConfigError([f"{doc.source}:{line}:{col} YAML {what}"])
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            line, col = _mark(node)
+            raise ConfigError([f"{doc.source}:{line}:{col} YAML alias refers to itself (a cycle)"])
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in size)
 
 
 def _mark(node) -> tuple[int, int]:
@@ -283,10 +331,14 @@ def _mark(node) -> tuple[int, int]:
 def _to_python(node, path: Path, doc: _Doc, loader) -> Any:
     doc.value_marks[path] = _mark(node)
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
+        try:
+            loader.flatten_mapping(node)
+        except yaml.YAMLError as exc:  # a merge key (<<) whose value is not mappings
+            line, col = _mark(node)
+            raise ConfigError([f"{doc.source}:{line}:{col} YAML merge: {getattr(exc, 'problem', None) or exc}"]) from None
         out: dict = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _construct(key_node, doc, loader)
             if not isinstance(key, (str, int, bool, float)) or key is None:
                 doc.problems.append((_mark(key_node), f"{format_path(path) or 'top level'}: keys must be strings"))
                 continue
@@ -299,7 +351,18 @@ def _to_python(node, path: Path, doc: _Doc, loader) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(item, path + (i,), doc, loader) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    return _construct(node, doc, loader)
+
+
+def _construct(node, doc: _Doc, loader) -> Any:
+    """A scalar (or a complex key) as Python; an unknown tag or a value its tag cannot
+    hold (`!foo x`, `=`, a timestamp 2020-13-45) is a ConfigError at the node."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:
+        line, col = _mark(node)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{doc.source}:{line}:{col} YAML value: {problem}"]) from None
 
 
 # ------------------------------------------------------------------ checking
