@@ -107,7 +107,7 @@ def split_replay(entries) -> tuple[int, int, list] | None:
     try:
         m = json.loads(entries[at][2])
         first, up = int(m["first"]), int(m["up"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(1e999)
         return None
     return first, up, list(entries[:at]) + list(entries[at + 1:])
 
