@@ -30,6 +30,8 @@ from .targets import (HERE, TARGET_NAMES, TICKS, EchoBackend, Target, cpu_second
 
 GEN_CORE, PROXY_CORE = "0", "1"
 SCENARIOS = ["idle", "connrate", "throughput", "rate"]
+# Not in the default list: the rate scenario's healthy sessions quiet and under a flood (benchmarks/flood.py).
+EXTRA_SCENARIOS = ["flood"]
 # Not in the default list: two gateway nodes on a Redis of their own (benchmarks/resume.py).
 CLUSTER_SCENARIOS = {"drain": "drain 5,000 sessions off one node and resume them on another"}
 PLACEHOLDERS = {
@@ -41,6 +43,7 @@ FULL = {
     "idle": {"conns": 9_900},
     "connrate": {"count": 3000, "concurrency": 50, "duration": 30.0},
     "stretch": {"conns": 50_000, "workers": 6, "backend_ports": [1, 11, 21, 31]},  # + --port-base
+    "flood": {"rate": 2000, "conns": 100, "size": 64, "duration": 10.0, "slow": 40, "half_open": 200},
 }
 QUICK = {
     "throughput": {"conns": 10, "depths": [1, 10], "sizes": [64, 4096], "duration": 0.5},
@@ -48,6 +51,7 @@ QUICK = {
     "idle": {"conns": 50},
     "connrate": {"count": 50, "concurrency": 10, "duration": 10.0},
     "stretch": {"conns": 2_000, "workers": 2, "backend_ports": [1, 11]},
+    "flood": {"rate": 400, "conns": 20, "size": 64, "duration": 1.0, "slow": 5, "half_open": 20},
 }
 
 
@@ -213,6 +217,9 @@ def scenario_plan(sizes: dict, names: list[str]) -> list[tuple[str, dict, callab
                              "size": size, "duration": t["duration"]}, run_echo))
     if "rate" in names:
         plan.append(("rate", sizes["rate"], run_echo))
+    if "flood" in names:
+        from .flood import run_flood
+        plan.append(("flood", sizes["flood"], run_flood))
     return plan
 
 
@@ -337,9 +344,9 @@ async def main_async(args) -> dict:
     for name in names:
         if name in PLACEHOLDERS:
             log(f"scenario '{name}' ({PLACEHOLDERS[name]}): not implemented yet")
-        elif name not in SCENARIOS and name not in CLUSTER_SCENARIOS:
+        elif name not in SCENARIOS + EXTRA_SCENARIOS and name not in CLUSTER_SCENARIOS:
             raise SystemExit(f"unknown scenario {name!r}; choose from "
-                             f"{SCENARIOS + list(CLUSTER_SCENARIOS) + list(PLACEHOLDERS)}")
+                             f"{SCENARIOS + EXTRA_SCENARIOS + list(CLUSTER_SCENARIOS) + list(PLACEHOLDERS)}")
     ensure_node_modules()
     background = await background_load(args.wait_quiet)
     if background >= 15:
@@ -355,7 +362,7 @@ async def main_async(args) -> dict:
                 "--port-base", str(args.port_base + 200)] + (["--tree", str(args.gateway_tree)]
                                                              if args.gateway_tree else [])))
             resume.write(drain, args.out)
-        if not any(n in SCENARIOS for n in names):
+        if not any(n in SCENARIOS + EXTRA_SCENARIOS for n in names):
             names = []
         backend_port = args.port_base + 1
         backend = EchoBackend([backend_port], core=GEN_CORE)
