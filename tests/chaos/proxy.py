@@ -3,8 +3,8 @@
 Each accepted connection is piped to `target` (a port on 127.0.0.1). `mode`:
 "pass" forwards as it comes; "delay" holds each chunk `delay_s` before writing it
 (in order: one queue per direction); "stall" stops forwarding on every connection
-and closes nothing (both ends think it lives); "reset" forwards half of the next
-chunk from the backend (so a frame is cut in its middle) and then aborts both sockets.
+(what arrives is read and dropped) and closes nothing (both ends think it lives); "reset" forwards the first 3 bytes of
+the next chunk from the backend (a frame cut in its middle) and then aborts both sockets.
 Connections made after a reset pass normally unless `mode` says otherwise.
 """
 
@@ -61,7 +61,9 @@ class ChaosProxy:
                 if mode == "stall":
                     continue
                 if mode == "reset" and from_backend:
-                    writer.write(data[: max(1, len(data) // 2)])
+                    # The backend's frames here are small and each written whole, so a read
+                    # starts at a frame: 3 bytes are its 2-byte header and 1 payload byte.
+                    writer.write(data[:3])
                     self.resets += 1
                     for w in pair:
                         w.transport.abort()

@@ -60,7 +60,7 @@ async def test_delay_on_the_backend_hop_loses_nothing(gateway, http, record_prop
 
 async def test_stall_on_the_backend_hop(gateway, http, record_property):
     fleet, proxy, gw, (pc, ps), (dc, ds), eps = await setup(gateway, http, limits={"ping_interval_s": 0.5})
-    row = Row(record_property, "TCP proxy stops forwarding gateway<->backend (no FIN, no RST)",
+    row = Row(record_property, "TCP proxy drops everything gateway<->backend (no FIN, no RST); keepalive 0.5 s",
               f"{2 * N} sessions on 2 routes, numbered both ways every 5 ms")
     proxy.mode = "stall"
     await holds(lambda: all(c.closes for c in pc), BOUND_S, "the stalled sessions are closed")
