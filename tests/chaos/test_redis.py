@@ -1,6 +1,7 @@
 """The cluster store failing under traffic: Redis stopped and started again, and a
-Sentinel failover. Sessions stay up through it (`on_outage: serve`: new clients are
-served too, /readyz says "store": "unavailable"); once the store is back, a drain of
+Sentinel failover. Sessions stay up through it; new clients follow `redis.on_outage`
+(`serve`: served, /readyz 200 with "store": "unavailable"; `reject_new`: 503 with
+Retry-After, /readyz 503); once the store is back, a drain of
 node A moves A's sessions to node B with 1012 + resume, nothing lost or twice. B's
 own sessions never notice."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import jwt
 import pytest
 
@@ -43,10 +45,10 @@ def node_cfg(node_id: str, store: dict, backend_url: str) -> dict:
     return cfg
 
 
-async def store_is(http, gw, state: str) -> None:
+async def store_is(http, gw, state: str, status: int = 200) -> None:
     async def check():
         async with http.get(gw.admin_url + "/readyz") as r:
-            return r.status == 200 and (await r.json())["store"] == state
+            return r.status == status and (await r.json())["store"] == state
     await holds_async(check, f"{gw.admin_url} store {state}")
 
 
@@ -56,7 +58,8 @@ async def holds_async(check, what: str, timeout_s: float = 30):
 
 
 async def scenario(gateway, http, record_property, store: dict, fault: str, break_store, mend_store,
-                   outage_seen: bool):
+                   outage_seen: bool, on_outage: str = "serve"):
+    store = {**store, "on_outage": on_outage}
     fleet = Fleet(interval_s=0.005)
     ep = await fleet.endpoint()
     a = await gateway(node_cfg("chaos-a", store, ep.url))
@@ -81,13 +84,19 @@ async def scenario(gateway, http, record_property, store: dict, fault: str, brea
         await flowing(clients)
         await asyncio.to_thread(break_store)
         if outage_seen:       # a failover may be too quick to see; a stopped Redis is not
-            await store_is(http, a, "unavailable")
+            await store_is(http, a, "unavailable", 200 if on_outage == "serve" else 503)
         await flowing(clients)           # sessions stay up through the outage
-        # on_outage: serve: a new client is served meanwhile.
-        extra = NumberedClient(http, url_for(a, "late"))
-        await extra.connect()
-        assert (await extra.ws.receive(timeout=BOUND_S)).data == "s1"
-        await extra.close()
+        late = 0
+        if on_outage == "serve":         # a new client is served meanwhile
+            extra = NumberedClient(http, url_for(a, "late"))
+            await extra.connect()
+            assert (await extra.ws.receive(timeout=BOUND_S)).data == "s1"
+            await extra.close()
+            late = 1
+        elif outage_seen:                # reject_new: 503 with Retry-After, the live ones stay
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url_for(a, "late"))
+            assert refused.value.status == 503 and refused.value.headers.get("Retry-After")
         await asyncio.to_thread(mend_store)
         await store_is(http, a, "ok")
         await store_is(http, b, "ok")
@@ -118,7 +127,7 @@ async def scenario(gateway, http, record_property, store: dict, fault: str, brea
         assert all(c.closes == [] and c.resumes == 0 for c in on_b)
         resumed = [h for h in fleet.handshakes if h.get("Gateway-Resumed") == "1"]
         assert sorted(h["Gateway-Session-Id"] for h in resumed) == sorted(sids[:N])
-        assert len({h["Gateway-Session-Id"] for h in fleet.handshakes}) == 2 * N + 1   # + the late one
+        assert len({h["Gateway-Session-Id"] for h in fleet.handshakes}) == 2 * N + late
         row.done("unaffected")
     finally:
         stop.set()
@@ -128,10 +137,11 @@ async def scenario(gateway, http, record_property, store: dict, fault: str, brea
         await ep.stop()
 
 
-async def test_redis_stopped_and_restarted_under_traffic(gateway, redis_server, http, record_property):
+@pytest.mark.parametrize("on_outage", ["serve", "reject_new"])
+async def test_redis_stopped_and_restarted_under_traffic(gateway, redis_server, http, record_property, on_outage):
     await scenario(gateway, http, record_property, {"url": redis_server.url},
-                   "redis-server stopped under traffic, restarted (empty) on the same port",
-                   redis_server.stop, redis_server.start, True)
+                   f"redis-server stopped under traffic (on_outage: {on_outage}), restarted on the same port",
+                   redis_server.stop, redis_server.start, True, on_outage)
 
 
 async def test_sentinel_failover_under_traffic(gateway, sentinel_set, http, record_property):
