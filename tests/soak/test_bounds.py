@@ -10,6 +10,7 @@ the constants here are the same ones.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from aiohttp import WSMsgType
 
 from ..conftest import proxy_config
 from ..helpers import RawClient, until
-from ..integration.test_lifecycle import Proc
+from ..integration.test_lifecycle import Proc, metric
 
 MIB = 1 << 20
 MAX_MESSAGE = 256 << 10            # limits.max_message_bytes
@@ -44,6 +45,17 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+async def counts(http, node: Proc, redis_server) -> dict:
+    """fds, asyncio tasks, sessions open and Redis keys, read from outside the process."""
+    async with http.get(node.admin_url + "/metrics") as r:
+        text = await r.text()
+    with redis_server.client() as c:
+        keys = c.dbsize()
+    return {"fds": len(os.listdir(f"/proc/{node.p.pid}/fd")), "tasks": int(metric(text, "gateway_asyncio_tasks")),
+            "open": sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith("gateway_sessions_open{")), "keys": keys}
 
 
 def per_session_bytes() -> int:
@@ -143,6 +155,7 @@ async def test_memory_stays_under_the_formula(backend, redis_server, http, tmp_p
         base_rss = rss_mib(node.p.pid)
         with redis_server.client() as c:
             base_redis = c.info("memory")["used_memory"]
+        start = await counts(http, node, redis_server)
 
         live = SLOW_READERS + BIG_SENDERS
         bound = process_bound_mib(base_rss, live, HALF_OPEN)
@@ -185,6 +198,16 @@ async def test_memory_stays_under_the_formula(backend, redis_server, http, tmp_p
             sampler.cancel()
         within()
         flood_s = time.monotonic() - began
+        for raw in raws:
+            raw.close()
+        for _, w in opens:
+            w.close()
+        end = {}
+
+        async def flood_gone():
+            end.update(await counts(http, node, redis_server))
+            return end["open"] == 0 and end["fds"] <= start["fds"] + 3
+        await until(flood_gone, 60, "the flood's sessions and sockets gone")
 
         # Detached sessions with full replay buffers: sessions on a second node whose
         # backend pushes on, that node drained; their buffers fill in Redis and overflow.
@@ -231,6 +254,13 @@ async def test_memory_stays_under_the_formula(backend, redis_server, http, tmp_p
         record_property("redis_mib_end", round(peak["redis"] / MIB, 1))
         record_property("redis_mib_bound", round(redis_bound / MIB, 1))
         record_property("replay_overflowed", overflowed)
+        for key in ("fds", "tasks"):
+            record_property(f"{key}_start", start[key])
+            record_property(f"{key}_end", end[key])
+        # Keys: before the drain, and with the 20 detached sessions still waiting for a resume.
+        record_property("redis_keys_start", start["keys"])
+        with redis_server.client() as c:
+            record_property("redis_keys_end", c.dbsize())
         record_property("lost", lost)
         record_property("seconds", round(flood_s, 1))
         print(f"rss base {base_rss:.1f} peak {peak['rss']:.1f} bound {bound:.1f} MiB; held by pushers "
