@@ -33,7 +33,6 @@ import random
 
 from . import metrics, tokens
 from .errors import StoreUnavailable
-from .httpbackend import Sealed, posting
 from .logs import event
 from .replay import Capture
 from .session import Link, State
@@ -71,7 +70,6 @@ class Drainer:
             return 0
         if deadline is None:
             deadline = loop.time() + cfg.timeout_s
-        await self._seal(live, deadline)
         issued = []
         items = []
         for s in live:
@@ -99,22 +97,6 @@ class Drainer:
             s.drain(self._capture(s, deadline), cfg.close_code, tokens.reason(token))
             detached += 1
         return detached
-
-    async def _seal(self, live, deadline: float) -> None:
-        """The seal point of sessions on an HTTP (or built-in) backend: their client's later
-        messages are no longer taken here, and what is queued to the backend is answered
-        (or fails) before they are parked and closed, so that nothing the resumed session
-        sends from the next node overtakes it. Bounded by the drain's deadline."""
-        sealed = [s for s in live if s.sink is not None and not isinstance(s.sink, Sealed)]
-        for s in sealed:
-            s.sink = Sealed(s.sink)
-        loop = self.node.loop
-        waiting = [s for s in sealed if posting(s)]
-        while waiting and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-            waiting = [s for s in waiting if posting(s)]
-        if waiting:
-            event(log, "drain_posts_unanswered", logging.WARNING, sessions=len(waiting))
 
     def _parked(self, s, th: str) -> Parked:
         """The detached record of `s`, resumable with the token whose hash is `th`."""

@@ -149,27 +149,6 @@ def posting(session) -> bool:
     return st is not None and any(c.busy for c in st.conns.values())
 
 
-class Sealed:
-    """A session's sink from its drain's seal point on: the client's later messages are
-    not taken on this node, where they would reach the backend after those the resumed
-    session sends from the next node (counted in `dropped`). The rest is the sink's own."""
-
-    __slots__ = ("inner", "dropped")
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.dropped = 0
-
-    def on_message(self, session, opcode: int, payload: bytes) -> None:
-        self.dropped += 1
-
-    def on_close(self, session) -> None:
-        self.inner.on_close(session)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def base_headers(session, forward_claims=("sub",)) -> dict[str, str]:
     route = session.route
     out = {

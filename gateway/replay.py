@@ -30,6 +30,7 @@ from .errors import PROTOCOL_ERROR, StoreUnavailable
 from .frames import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, parse_header
 from .logs import event
 from .closing import Closing
+from .httpbackend import posting
 from .seam import Side
 from .session import Event, State, advance
 
@@ -43,7 +44,7 @@ class Capture:
 
     __slots__ = ("s", "store", "sid", "max_n", "max_bytes", "max_message", "deadline", "pending", "n", "size",
                  "full", "force", "buf", "skip", "parts", "parts_size", "msg_op", "writer", "ended", "done", "why",
-                 "first")
+                 "first", "waiting")
 
     def __init__(self, session, detached_store, drain, max_message: int, deadline: float):
         self.s = session
@@ -66,6 +67,7 @@ class Capture:
         self.done = asyncio.get_running_loop().create_future()   # True: sealed; False: could not be
         self.why = None
         self.first = None   # a reliable session: the number of the buffer's first message
+        self.waiting: asyncio.Task | None = None   # end() waiting for an HTTP session's POSTs
 
     # ------------------------------------------------------------ what comes in
     def add(self, opcode: int, payload: bytes) -> bool:
@@ -165,6 +167,12 @@ class Capture:
         number of its first message, and `up`, final only now (the client's
         messages reach the upstream until its close). They do not count
         against the caps."""
+        if posting(self.s) and self.waiting is None:
+            # An HTTP backend session: what its client sent before its close is still being
+            # POSTed from here. The seal waits for it, and a resume for the seal, so nothing
+            # the resumed session sends from the next node overtakes it.
+            self.waiting = asyncio.ensure_future(self._end_after_posts())
+            return
         if self.first is not None and not self.full:
             counts = reliable.meta(self.first, self.s.rel.inbound.taken)
             self.pending.append((reliable.META, counts))
@@ -174,6 +182,14 @@ class Capture:
         self._kick()
 
     # ------------------------------------------------------------ to the store
+    async def _end_after_posts(self) -> None:
+        loop = asyncio.get_running_loop()
+        while posting(self.s) and loop.time() < self.deadline:
+            await asyncio.sleep(0.01)
+        if posting(self.s):
+            event(log, "replay_sealed_with_posts_queued", logging.WARNING, session=self.sid)
+        self.end()
+
     def after(self, parking) -> None:
         """Hold the writes until `parking` (awaitable: True once the detached record
         is written) is done: an unplanned drop parks the session after the fact."""

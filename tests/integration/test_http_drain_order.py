@@ -1,6 +1,7 @@
 """An HTTP backend session drained with POSTs still queued: the backend gets every
-message once and in order across the seam (the old node's queue is answered before
-the 1012; what the client sends after the seal point is not taken on the old node).
+message once and in order across the seam. The old node POSTs what its client sent
+up to its close (some of it after the 1012) and seals the replay buffer only then;
+the resume on the next node waits for the seal, so its POSTs come after.
 
 Two in-process nodes share one real redis-server; a real aiohttp backend answers
 each message slowly, so the old node's queue is not empty when the drain begins."""
@@ -21,7 +22,7 @@ QUEUED = 20       # sent on the old node before the drain, each answered slowly
 AFTER = 10        # sent on the new node after the resume
 
 
-async def test_queued_posts_are_answered_before_the_1012_and_nothing_overtakes(gateway, redis_server, http,
+async def test_queued_posts_reach_the_backend_before_the_resumed_sessions_none_lost(gateway, redis_server, http,
                                                                               http_peer):
     slow = asyncio.Event()   # set: the backend answers at once (after the seam)
 
@@ -43,7 +44,7 @@ async def test_queued_posts_are_answered_before_the_1012_and_nothing_overtakes(g
         await ws.send_str(str(i))
     await until(lambda: asyncio.sleep(0, len(peer.of("message")) >= 1), what="the first POST")
     drain = asyncio.ensure_future(a.stop())
-    # While the drain waits for the queue, the client goes on; the old node must not take these.
+    # The client goes on until it sees the 1012: the old node takes these too.
     late = QUEUED
     msg = None
     for _ in range(200):
@@ -55,20 +56,16 @@ async def test_queued_posts_are_answered_before_the_1012_and_nothing_overtakes(g
             await ws.send_str(str(late))
     assert msg is not None and (msg.type, msg.data) == (WSMsgType.CLOSE, 1012), msg
     token = msg.extra[len("resume="):]
-    at_close = [int(r.body) for r in peer.of("message")]
-    slow.set()
+    at_close = len(peer.of("message"))
     ws = await http.ws_connect(f"{b.url}/ws?access_token={jwt_for('olga')}&resume={token}")
     for i in range(late + 1, late + AFTER + 1):
         await ws.send_str(str(i))
+    slow.set()
     await asyncio.wait_for(drain, 10)   # the old node is gone: nothing more comes from it
     await until(lambda: asyncio.sleep(0, late + AFTER in {int(r.body) for r in peer.of("message")}), 10,
                 "the last message at the backend")
     await ws.close()
     seen = [int(r.body) for r in peer.of("message")]
     assert seen == sorted(set(seen)), f"each once, in order: {seen}"
-    # Everything queued before the drain was answered before the 1012 went out.
-    assert at_close[:QUEUED] == list(range(1, QUEUED + 1)), at_close
-    assert seen[:QUEUED] == list(range(1, QUEUED + 1))
-    assert seen[-AFTER:] == list(range(late + 1, late + AFTER + 1))
-    # What the client sent after the seal point did not reach the backend through the old node later.
-    assert all(n <= at_close[-1] for n in seen if n <= late), (at_close, seen)
+    assert seen == list(range(1, late + AFTER + 1)), f"none lost: {seen}"
+    assert at_close < QUEUED, "the old node's queue was not empty at the 1012"
