@@ -74,7 +74,7 @@ async def test_stall_on_the_backend_hop(gateway, http, record_property):
 
 async def test_reset_mid_frame_on_the_backend_hop(gateway, http, record_property):
     fleet, proxy, gw, (pc, ps), (dc, ds), eps = await setup(gateway, http)
-    row = Row(record_property, "TCP proxy forwards half a backend frame, then resets both sockets",
+    row = Row(record_property, "TCP proxy forwards 3 bytes of a backend frame, then resets both sockets",
               f"{2 * N} sessions on 2 routes, numbered both ways every 5 ms")
     proxy.mode = "reset"
     await holds(lambda: all(c.closes for c in pc), BOUND_S, "the reset sessions are closed")
