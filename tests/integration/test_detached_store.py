@@ -4,13 +4,12 @@ Redis runs as a real redis-server (the `cluster` fixture of test_store)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from gateway.store import detached as d
 from gateway.store.detached import Parked
 
+from ..helpers import until
 from .test_store import PREFIX, cluster, rec, redis_cluster  # noqa: F401  (fixtures)
 
 TH = "a" * 64
@@ -58,10 +57,10 @@ async def test_a_lease_that_runs_out_lets_another_node_take_the_session(cluster)
     await s.detached.park([parked("s1")])
     await s.detached.append("s1", [], 100, 1000, seal=True)
     assert (await s.detached.take("s1", TH, "u1", "dies", 0.05))[0] == d.OK
-    deadline = asyncio.get_running_loop().time() + 5
-    while (await s.detached.take("s1", TH, "u1", "next", 5))[0] != d.OK:
-        assert asyncio.get_running_loop().time() < deadline, "lease never ran out"
-        await asyncio.sleep(0.02)
+
+    async def taken():
+        return (await s.detached.take("s1", TH, "u1", "next", 5))[0] == d.OK
+    await until(taken, 5.0, "the lease to run out", interval_s=0.02)
     assert await s.detached.finish("s1", "dies", None) is None   # the first node lost its lease
 
 
@@ -95,10 +94,10 @@ async def test_a_full_buffer_is_reported_and_refuses_the_resume(cluster, cap):
 async def test_expiry_is_told_and_gives_the_record_to_one_caller(cluster):
     a, b = await cluster.node(), await cluster.node()
     await a.detached.park([parked("s1", window_s=0.05, channels=["room"])])
-    deadline = asyncio.get_running_loop().time() + 5
-    while "s1" not in await a.detached.due(10):
-        assert asyncio.get_running_loop().time() < deadline, "never due"
-        await asyncio.sleep(0.02)
+
+    async def due():
+        return "s1" in await a.detached.due(10)
+    await until(due, 5.0, "s1 due", interval_s=0.02)
     assert await a.detached.take("s1", TH, "u1", "nb", 5) == (d.EXPIRED, None)
     got = [await a.detached.expire("s1"), await b.detached.expire("s1")]
     assert [g["session"] for g in got if g] == ["s1"]

@@ -123,12 +123,12 @@ async def test_metrics_are_exposed_with_contract_names(gateway, backend, http):
     assert metric(text, msgs) - metric(before, msgs) == 3
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await http.ws_connect(gw.url + "/nope")
-    for _ in range(50):
+
+    async def counted():
         async with http.get(gw.admin_url + "/metrics") as r:
             text = await r.text()
-        if metric(text, closes) > metric(before, closes):
-            break
-        await asyncio.sleep(0.05)
+        return text if metric(text, closes) > metric(before, closes) else None
+    text = await until(counted, what="the refused handshake's close counted")
     assert metric(text, closes) - metric(before, closes) == 1
     assert metric(text, refusals) - metric(before, refusals) == 1
 
@@ -176,20 +176,15 @@ async def test_sighup_reloads_routes(proc, backend, http, tmp_path):
     cfg["routes"].append({"name": "other", "match": {"path": "/other"}, "auth": "none", "backend": "b"})
     p.path.write_text(yaml.safe_dump(cfg))
     p.p.send_signal(signal.SIGHUP)
-    for _ in range(100):
-        if any(e["event"] == "reloaded" for e in p.logs()):
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: asyncio.sleep(0, any(e["event"] == "reloaded" for e in p.logs())), what="reloaded")
     async with http.ws_connect(p.url + "/other") as ws:
         await ws.send_str("y")
         assert (await ws.receive()).data == "y"
     # A broken file is refused and the running config stays.
     p.path.write_text("routes: [\n")
     p.p.send_signal(signal.SIGHUP)
-    for _ in range(100):
-        if any(e["event"] == "reload_failed" for e in p.logs()):
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: asyncio.sleep(0, any(e["event"] == "reload_failed" for e in p.logs())),
+                what="the broken file refused")
     async with http.ws_connect(p.url + "/other"):
         pass
 
@@ -198,20 +193,13 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(proc, ba
     b = await backend()
     p = proc(proxy_config(b.url, workers=2))
     await p.ready(http)
-    for _ in range(100):
-        started = [e for e in p.logs() if e["event"] == "started"]
-        if len(started) == 2:
-            break
-        await asyncio.sleep(0.1)
-    assert len(started) == 2
+    await until(lambda: asyncio.sleep(0, len([e for e in p.logs() if e["event"] == "started"]) == 2),
+                what="both workers started")
     sup = next(e for e in p.logs() if e["event"] == "supervisor_started")
     victim = sup["pids"][0]
     os.kill(victim, signal.SIGKILL)
-    for _ in range(100):
-        if any(e["event"] == "worker_restarted" for e in p.logs()):
-            break
-        await asyncio.sleep(0.1)
-    assert any(e["event"] == "worker_restarted" for e in p.logs())
+    await until(lambda: asyncio.sleep(0, any(e["event"] == "worker_restarted" for e in p.logs())),
+                what="the killed worker restarted")
     for _ in range(10):
         async with http.ws_connect(p.url + "/ws") as ws:
             await ws.send_str("z")
@@ -267,10 +255,8 @@ async def test_gateway_drain_command_drains_every_worker(proc, backend, http):
     b = await backend()
     p = proc(proxy_config(b.url, workers=2, drain={"timeout_s": 5}))
     await p.ready(http)
-    for _ in range(100):
-        if len([e for e in p.logs() if e["event"] == "started"]) == 2:
-            break
-        await asyncio.sleep(0.1)
+    await until(lambda: asyncio.sleep(0, len([e for e in p.logs() if e["event"] == "started"]) == 2),
+                what="both workers started")
     clients = [await http.ws_connect(p.url + "/ws") for _ in range(8)]
     res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "drain", "--admin", p.admin_url],
                                   capture_output=True, text=True, timeout=30)

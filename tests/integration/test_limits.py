@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from gateway import frames
 
 from ..conftest import proxy_config
-from ..helpers import RawClient
+from ..helpers import RawClient, until
 
 
 async def test_message_over_max_is_closed_1009_and_never_reaches_backend(gateway, backend, http):
@@ -55,10 +55,8 @@ async def test_per_ip_limit_answers_429(gateway, backend, http):
         await http.ws_connect(gw.url + "/ws")
     assert exc.value.status == 429
     await held[0].close()
-    for _ in range(50):  # the slot frees once the first socket is gone
-        if gw.node.per_ip.get("127.0.0.1", 0) < 2:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: asyncio.sleep(0, gw.node.per_ip.get("127.0.0.1", 0) < 2),
+                what="the slot freed once the first socket is gone")
     async with http.ws_connect(gw.url + "/ws"):
         pass
     await held[1].close()

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from gateway import frames
 
 from ..conftest import proxy_config
-from ..helpers import RawClient
+from ..helpers import RawClient, until
 
 
 async def test_text_and_binary_cross_byte_for_byte(gateway, backend, http):
@@ -136,10 +136,7 @@ async def test_invalid_utf8_closes_client_1007_and_backend_sees_clean_close(gate
     code, _ = await c.recv_close()
     assert code == 1007
     assert await c.eof()
-    for _ in range(100):
-        if b.closes:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: asyncio.sleep(0, b.closes), what="the backend's close")
     assert b.closes == [1001]          # a close frame, not a dropped socket (1006)
     assert b.received == [(WSMsgType.TEXT, "ok")]
 
@@ -212,10 +209,7 @@ async def test_client_vanishing_closes_backend_with_1001(gateway, backend):
     c.send_frame(frames.OP_TEXT, b"x")
     await c.recv_frame()
     c.writer.transport.abort()
-    for _ in range(100):
-        if b.closes:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: asyncio.sleep(0, b.closes), what="the backend's close")
     assert b.closes == [1001]
 
 
@@ -270,8 +264,5 @@ async def test_gateway_pings_the_client_and_drops_a_dead_one(gateway, backend):
     assert op == frames.OP_PING                 # the gateway's keepalive
     # ...and a client that never answers anything is cut, the backend told 1001.
     assert await c.eof(timeout=5)
-    for _ in range(100):
-        if b.closes:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: asyncio.sleep(0, b.closes), what="the backend's close")
     assert b.closes == [1001]

@@ -126,19 +126,13 @@ async def test_active_health_check_takes_endpoint_out_and_back(gateway, backend,
     good = await backend()
     gw = await gateway(proxy_config(flaky.url, good.url, backend={
         "balance": "round_robin", "health": {"path": "/healthz", "interval_s": 0.1, "unhealthy_after": 2}}))
-    for _ in range(100):
-        if not gw.node.routing.pools["b"].endpoints[0].healthy:
-            break
-        await asyncio.sleep(0.05)
-    assert not gw.node.routing.pools["b"].endpoints[0].healthy
+    await until(lambda: asyncio.sleep(0, not gw.node.routing.pools["b"].endpoints[0].healthy),
+                what="the failing endpoint out")
     before = flaky.sessions
     for _ in range(4):
         async with http.ws_connect(gw.url + "/ws"):
             pass
     assert flaky.sessions == before
     flaky.health_status = 200
-    for _ in range(100):
-        if gw.node.routing.pools["b"].endpoints[0].healthy:
-            break
-        await asyncio.sleep(0.05)
-    assert gw.node.routing.pools["b"].endpoints[0].healthy
+    await until(lambda: asyncio.sleep(0, gw.node.routing.pools["b"].endpoints[0].healthy),
+                what="the endpoint back in")
