@@ -5,6 +5,7 @@ the counters added for operating it (bytes, ejections, store calls) count."""
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..conftest import proxy_config
@@ -52,10 +53,8 @@ async def traffic(http, gw) -> None:
         for _ in range(3):
             await ws.send_str("hello")
             assert (await ws.receive(timeout=5)).data == "hello"
-    try:
+    with pytest.raises(aiohttp.WSServerHandshakeError):   # a refusal too, so its metrics have samples
         await http.ws_connect(gw.url + "/nope")
-    except aiohttp.WSServerHandshakeError:
-        pass
 
 
 async def test_every_gateway_metric_follows_prometheus_naming(gateway, backend, http):
