@@ -133,13 +133,15 @@ async def test_client_that_stops_reading_is_closed_1013_and_memory_stays_bounded
 
 
 async def test_backend_that_stops_reading_closes_client_1013(gateway, backend):
+    done = asyncio.Event()
+
     async def deaf(ws, request):
         request.transport.pause_reading()
-        await asyncio.sleep(10)
+        await done.wait()          # holds the socket unread until the test is over
 
     b = await backend(handler=deaf)
     gw = await gateway(proxy_config(b.url, limits={"send_buffer_bytes": 64 << 10, "stall_timeout_s": 0.5,
-                                                    "max_message_bytes": 1 << 20}))
+                                                    "max_message_bytes": 1 << 20, "close_timeout_s": 0.5}))
     c = await RawClient.connect(gw.url + "/ws")
     chunk = os.urandom(1 << 20)
 
@@ -153,6 +155,7 @@ async def test_backend_that_stops_reading_closes_client_1013(gateway, backend):
     assert (code, reason) == (1013, "backend not reading")
     task.cancel()
     c.close()
+    done.set()
 
 
 async def test_half_handshake_is_dropped(gateway, backend):
