@@ -279,6 +279,9 @@ class Session(Closing, Seam, Moving, Draining):
             raise ProtocolViolation(PROTOCOL_ERROR, "reserved opcode")
         self.c_msg_bytes += length
         if self.c_msg_bytes > self.max_message:
+            if length >> 63:
+                # RFC 6455 5.2: the 64-bit length's most significant bit MUST be 0.
+                raise ProtocolViolation(PROTOCOL_ERROR, "64-bit length with the top bit set")
             raise ProtocolViolation(MESSAGE_TOO_BIG, f"message too big (max {self.max_message} bytes)")
         return opcode
 
