@@ -7,6 +7,8 @@ gateway with a reliable route in front of real aiohttp backends.
   which are harmless (a count up to what the gateway sent; acks are cumulative) and
   which close 1002 (anything else); the gateway must agree exactly, trim its window to
   the highest ack, and keep echoing in order after a harmless one.
+- Malformed frames on a reliable route (the reliable relay checks them itself): the same
+  exact close codes as the raw relay (1002, 1007, 1009), a healthy reliable session alongside.
 - Resumes of a dropped session: forged tokens (random, bit flips of the right one, the
   right secret under another session's id, another subject), `last=` values out of range,
   not counts, absent; each gets its documented status (401 / 400 / 410) and none takes
@@ -18,16 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 from urllib.parse import quote
+
+import pytest
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from gateway import reliable
-from gateway.frames import OP_BINARY, OP_TEXT
+from gateway.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT
 
 from ..helpers import until
 from ..integration import test_drain_resume, test_reliable
 from ..integration.test_reliable import Peer, gone_from, jwt_for, node_cfg, refused, reliable_cfg
+from .test_raw_socket import FIN, MAX, masked
 
 numbered = test_drain_resume.numbered   # fixtures: a backend numbering what it sends; the JWT secret
 jwt_env = test_reliable.jwt_env
@@ -121,6 +127,61 @@ async def test_random_acks_close_1002_or_trim_the_window(gateway, backend, recor
         record_property("failures", seen["failures"])
     assert seen["open"] and seen["closed"], seen
     assert b.received and all(d == "after" or d[:1] == "m" for _t, d in b.received), "an ack reached the backend"
+
+
+# ------------------------------------------------------------------ malformed frames on a reliable route
+
+RELIABLE_CASES = {   # the reliable relay (reliable_session.py) checks frames as the raw relay does
+    "RSV1 on a d text (no deflate on reliable routes)": (masked(FIN | 0x40 | OP_TEXT, b"dhi"), 1002),
+    "unmasked d frame": (masked(FIN | OP_TEXT, b"dhi", mask=False), 1002),
+    "ping of 126 bytes": (masked(FIN | OP_PING, b"p" * 126), 1002),
+    "a new d message inside a fragmented one": (masked(OP_TEXT, b"da") + masked(FIN | OP_TEXT, b"db"), 1002),
+    "continuation without a start": (masked(FIN | OP_CONT, b"x"), 1002),
+    "64-bit length with the top bit set": (struct.pack("!BBQ", FIN | OP_BINARY, 0xFF, (1 << 63) | 5) + b"abcd", 1002),
+    "close code 1005": (masked(FIN | OP_CLOSE, struct.pack("!H", 1005)), 1002),
+    "close reason invalid UTF-8": (masked(FIN | OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1002),
+    "d text invalid UTF-8": (masked(FIN | OP_TEXT, b"dok \xc3\x28"), 1007),
+    "d text invalid UTF-8 split over fragments": (masked(OP_TEXT, b"d\xe2\x82") + masked(FIN | OP_CONT, b"\x28"), 1007),
+    "d binary over max_message_bytes": (masked(FIN | OP_BINARY, b"d" + b"x" * MAX), 1009),
+    "d fragments summing over max_message_bytes": (masked(OP_BINARY, b"d" + b"x" * (MAX - 1)) + masked(FIN | OP_CONT, b"yy"), 1009),
+    "length header over max_message_bytes": (struct.pack("!BBQ", FIN | OP_BINARY, 0xFF, 1 << 40) + b"abcd", 1009),
+    "an ack split over fragments of a text message": (masked(OP_TEXT, b"a") + masked(FIN | OP_CONT, b"9"), 1002),
+}
+
+
+@pytest.mark.parametrize("name", list(RELIABLE_CASES))
+async def test_malformed_frames_on_a_reliable_route_get_exact_close_code(name, gateway, backend, record_property):
+    data, code = RELIABLE_CASES[name]
+    record_property("input", f"reliable route, after the hello and one d echo: {name}")
+    record_property("cases", 1)
+    record_property("expected", f"close {code}")
+    failures = 1
+    b = await backend()
+    cfg = reliable_cfg(b.url)
+    cfg["limits"] = {"max_message_bytes": MAX}
+    gw = await gateway(cfg)
+    healthy = await Peer.connect(gw.url)
+    try:
+        for i in range(5):
+            healthy.send(f"h{i}")
+        await healthy.read_until(lambda: len(healthy.got) >= 5, "5 healthy echoes")
+        peer = await Peer.connect(gw.url)
+        peer.send("warm")
+        await peer.read_until(lambda: peer.got, "the warm-up echo")
+        peer.raw.writer.write(data)
+        await peer.read_until(lambda: peer.close is not None, "the close")
+        assert peer.close[0] == code, (name, peer.close)
+        assert await peer.raw.eof()
+        peer.raw.close()
+        for i in range(5, 10):
+            healthy.send(f"h{i}")
+        await healthy.read_until(lambda: len(healthy.got) >= 10, "5 more healthy echoes")
+        assert healthy.got == [f"h{i}".encode() for i in range(10)] and healthy.close is None
+        record_property("other_sessions", "unaffected")
+        failures = 0
+    finally:
+        record_property("failures", failures)
+        healthy.raw.close()
 
 
 # ------------------------------------------------------------------ resumes
