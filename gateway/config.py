@@ -393,7 +393,7 @@ class _Reader:
         sub = path + (key,)
         if key not in m or m[key] is None and default is not _MISSING and kind != "any":
             if default is _MISSING:
-                self.doc.error(sub if key in m else path, f"is required" if key in m else f"missing required key '{key}'")
+                self.doc.error(sub if key in m else path, "is required" if key in m else f"missing required key '{key}'")
                 return None
             return default
         value = m[key]
