@@ -143,7 +143,13 @@ class Cluster:
     def closed(self, s) -> None:
         if s.capture is not None:
             return   # drained: its detached record replaced the live one (detached())
-        self.by_session.pop(s.session_id, None)
+        if self.by_session.get(s.session_id) is not s:
+            return   # never live here (a resume that failed): what the store has is not this node's
+        del self.by_session[s.session_id]
+        self.forget(s)
+
+    def forget(self, s) -> None:
+        """`s` ended: its record and index entries go."""
         self._queue(Delete(session=s.session_id, node=self.node_id, sub=s.sub))
 
     def detached(self, s) -> None:

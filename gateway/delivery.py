@@ -47,7 +47,7 @@ def _pack(header: dict, payload: bytes = b"") -> bytes:
 
 def _parked(index: dict) -> frozenset:
     """Sessions an index names as detached: the publisher appends to their replay
-    buffers itself (parked.add_to_answer), so no node sends them the message too,
+    buffers itself (Delivery._to_parked), so no node sends them the message too,
     not even the one still capturing a session it is draining."""
     return frozenset(sid for sid, node in index.items() if node == DETACHED_NODE)
 
@@ -84,6 +84,7 @@ class Delivery:
         self.settings = cluster.settings
         self.node_id = cluster.node_id
         self.by_session = cluster.by_session         # the same dict: session id -> local session
+        self.resuming: dict[str, object] = {}        # session id -> a session here whose replay is not out yet
         self.flush_now = cluster.flush_now
         self._rids = itertools.count(1)
         self._asks: dict[int, tuple[set[str], dict[str, dict], asyncio.Future]] = {}
@@ -208,7 +209,7 @@ class Delivery:
         """The open session on this node with this connection or session id."""
         s = self.node.sessions.get(any_id)
         if s is None:
-            s = self.by_session.get(any_id)
+            s = self.by_session.get(any_id) or self.resuming.get(any_id)
         return s
 
     def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None, skip=None) -> int:
@@ -421,7 +422,7 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self.parked.add_to_answer(index, out, opcode, payload)
+        await self._to_parked(index, out, opcode, payload, lambda: self.store.subject_sessions(sub))
         return out
 
     async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
@@ -447,11 +448,55 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self.parked.add_to_answer({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload)
+
+        async def where() -> dict:
+            return {sid: m.get("node") for sid, m in (await self.store.channel_members(name)).items()}
+        await self._to_parked({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload, where)
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch
         return out
+
+    async def _to_parked(self, index: dict, out: dict, opcode: int, payload: bytes, where) -> None:
+        """What goes to the sessions `index` names as detached (node ""): their replay
+        buffers, counted in the answer. One answered "gone" was resumed since the index
+        was read: the resume's finish named the new node in the index in the same step
+        as it took the buffer (store.detached.finish), so `where()` (the index read
+        again) says where it is now, and it is sent there before this publish is
+        answered: the sender's next message cannot overtake it. Parked again meanwhile
+        (a drop at once after the resume): its new buffer. Ended: no one to send to."""
+        sids = [sid for sid, node in index.items() if node == DETACHED_NODE]
+        if not sids:
+            return
+        out["buffered"] = 0
+        for _ in range(3):   # each round, a resume of the session came between; bounded all the same
+            kept, full, gone = await self.parked.append(sids, opcode, payload)
+            out["delivered"] += kept
+            out["buffered"] += kept
+            if full:
+                out["buffer_full"] = out.get("buffer_full", 0) + full
+            if not gone:
+                return
+            now = await where()
+            sids = []
+            for sid in gone:
+                node = now.get(sid)
+                if node == DETACHED_NODE:
+                    sids.append(sid)
+                elif node is not None:
+                    out["delivered"] += await self._to_session(node, sid, opcode, payload, out)
+            if not sids:
+                return
+
+    async def _to_session(self, node: str, sid: str, opcode: int, payload: bytes, out: dict) -> int:
+        """One message to session `sid` on `node`: 1 when it took it."""
+        if node == self.node_id:
+            s = self.local(sid)
+            return 1 if s is not None and s.send_message(opcode, payload) else 0
+        answers, missing = await self._ask([node], {"op": "conn", "id": sid, "opcode": opcode}, payload)
+        if missing:
+            out["unconfirmed_nodes"] = sorted(set(out.get("unconfirmed_nodes", ())) | set(missing))
+        return answers.get(node, {}).get("n", 0)
 
     def publish_later(self, name: str, opcode: int, payload: bytes) -> None:
         """A channel message from inside the gateway (chat): cluster-wide, in

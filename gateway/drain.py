@@ -44,9 +44,11 @@ BATCHES_PER_S = 10
 
 
 def detachable(s) -> bool:
-    """Open, not closing, not already draining, and not in the middle of a move to
-    another upstream (reattach): that one is taken on the next pass."""
-    return (s.state is State.OPEN and not s.client.sent and s.capture is None and s.move is None
+    """Open, not closing, not already draining, not still resuming (its replay on its
+    way), and not in the middle of a move to another upstream (reattach): those are
+    taken on the next pass."""
+    return (s.state is State.OPEN and not s.client.sent and s.capture is None and s.early is None
+            and s.move is None
             and s.upstream.link is Link.ATTACHED and not (s.redial is not None and s.redial.busy()))
 
 

@@ -4,7 +4,6 @@ buffers in the store (see store/detached.py), counted as delivered."""
 from __future__ import annotations
 
 from . import metrics
-from .store.detached import DETACHED_NODE
 
 
 class Parked:
@@ -23,10 +22,12 @@ class Parked:
                 det = await self.store.detached.get(sid)
         return det
 
-    async def append(self, sids, opcode: int, payload: bytes) -> tuple[int, int, int]:
-        """Append to detached sessions' replay buffers: (kept, full: not kept, gone: not detached any more)."""
+    async def append(self, sids, opcode: int, payload: bytes) -> tuple[int, int, list[str]]:
+        """Append to detached sessions' replay buffers: (kept, full: not kept, the sessions
+        that are not detached any more: resumed, or ended)."""
         cfg = self.node.config.drain
-        kept = full = gone = 0
+        kept = full = 0
+        gone = []
         for sid in sids:
             added, status = await self.store.detached.append(sid, [(opcode, payload)], cfg.replay_max_messages,
                                                              cfg.replay_max_bytes)
@@ -37,16 +38,5 @@ class Parked:
                 full += 1
                 metrics.replay_overflows.inc()
             else:
-                gone += 1
+                gone.append(sid)
         return kept, full, gone
-
-    async def add_to_answer(self, index: dict, out: dict, opcode: int, payload: bytes) -> None:
-        """Add what went to detached sessions (index entries with node "") to an answer."""
-        sids = [sid for sid, node in index.items() if node == DETACHED_NODE]
-        if not sids:
-            return
-        kept, full, _ = await self.append(sids, opcode, payload)
-        out["delivered"] += kept
-        out["buffered"] = kept
-        if full:
-            out["buffer_full"] = full

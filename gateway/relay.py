@@ -92,6 +92,8 @@ class Session(Closing, Seam, Moving, Draining):
         "channels", "sink_state",
         # while draining: what was meant for the client, on its way to the replay buffer (replay.py)
         "capture",
+        # while resuming: what was meant for the client before its replay is out (resume.Early)
+        "early",
         # a debug trace running (trace.Trace; the class is TracedSession meanwhile)
         "trace",
         # reliable mode (reliable.Peer; the class is ReliableSession), None otherwise
@@ -144,7 +146,7 @@ class Session(Closing, Seam, Moving, Draining):
         self.flushed_c = self.flushed_u = self.flushed_cb = self.flushed_ub = 0
         self.channels = None
         self.sink_state = None
-        self.capture = None
+        self.capture = self.early = None
         self.trace = None
         self.rel = None
 
@@ -609,6 +611,8 @@ class Session(Closing, Seam, Moving, Draining):
         """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
         if self.capture is not None:
             return self.capture.add_frame(frame_bytes)   # draining: it goes to the replay buffer
+        if self.early is not None:
+            return self.early.add_frame(frame_bytes)     # resuming: it goes after the replay
         if self.client.sent or self.state is not State.OPEN:
             return False
         self.u_msgs += 1

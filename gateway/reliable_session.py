@@ -244,6 +244,8 @@ class ReliableSession(Session):
         """A push or channel message: numbered like the upstream's; refused while the window is full."""
         if self.capture is not None:
             return self.capture.add(opcode, bytes(payload))   # draining: it goes to the replay buffer
+        if self.early is not None:
+            return self.early.add(opcode, bytes(payload))     # resuming: it goes after the replay
         if self.rel.window.full:
             return False
         self.u_bytes += len(payload)
@@ -258,7 +260,12 @@ class ReliableSession(Session):
 
     # ------------------------------------------------------------ teardown
     def client_lost(self) -> None:
-        """Gone without a close: parked for a resume (drain.Drainer.dropped), when it can be."""
+        """Gone without a close: parked for a resume (drain.Drainer.dropped), when it can be.
+        Still resuming (its replay not out yet): parked once the replay is in its window
+        (resume.complete), so the next resume gets that too."""
+        if self.early is not None:
+            self.early.lost = True
+            return
         drainer = self.node.drainer
         if drainer is None or not drainer.dropped(self):
             Session.client_lost(self)

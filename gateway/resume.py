@@ -14,13 +14,19 @@ header) and the same credentials. In order:
    `Gateway-Resumed: 1` (HTTP backends: no second connect event; every
    request of a resumed session carries `Gateway-Resumed: 1`). A backend
    that refuses gives the lease back: the client may try again.
-3. After the 101, `finish` marks the session used and hands over its whole
-   buffer in one atomic step; the buffer goes to the client, in order,
-   before anything else; then subscriptions and presence come back, the
-   session record is written, and relaying starts.
+3. After the 101 the session takes its channels and subject on this node
+   again, with what reaches it held back (`Early`); then `finish` marks the
+   session used, hands over its whole buffer and names this node in the
+   session's record and index entries, in one atomic step; the buffer goes
+   to the client, in order, before anything else, then what was held; then
+   the session is registered live and relaying starts.
 
 Nothing is sent to the client before step 3 succeeds, so a resume that
-fails half-way can be retried without a message twice.
+fails half-way can be retried without a message twice. And no publish
+falls between the buffer and the live session: one that reads the index
+before the finish appends to the buffer (or, answered "gone" because the
+finish came first, follows the index to this node: delivery.py); one that
+reads it after finds this node, where the session is subscribed already.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import logging
 
 from . import frames, metrics, reliable, tokens
+from .closing import Closing
 from .errors import StoreUnavailable, Refusal, TRY_AGAIN_LATER
 from .logs import event
 from .store import detached as d
@@ -98,18 +105,22 @@ async def claim(node, raw: str, token: str | None, candidates=None):
         except StoreUnavailable:
             raise Refusal(503, "resume refused: session store unreachable; retry",
                           metric="resume_store_unavailable", headers=(("Retry-After", "2"),)) from None
-        if status == d.UNKNOWN and not asked and refusal is None:
+        if status in (d.UNKNOWN, d.FORGED) and not asked and refusal is None:
             # Not detached: a reliable session whose old connection still looks alive is let go
             # now. Asked once; a session parked meanwhile is found by the take that follows.
+            # FORGED too: a session resumed before holds its previous token's used record
+            # until the park after its next drop replaces it, and the token the client has
+            # is the one that resume's hello gave (the live session knows it, nobody else).
             asked = True
             taking_over = await node.cluster.delivery.take_over(
                 sid, th, sub, None if candidates is None else [c.name for c in candidates])
             wait_until = loop.time() + TAKEOVER_WAIT_S
             continue
-        if not (status == d.PENDING or taking_over and status == d.UNKNOWN) or loop.time() >= wait_until:
+        if not (status == d.PENDING or taking_over and status in (d.UNKNOWN, d.FORGED)) \
+                or loop.time() >= wait_until:
             break
         await asyncio.sleep(0.05)
-    if taking_over and status in (d.UNKNOWN, d.PENDING):
+    if taking_over and status in (d.UNKNOWN, d.FORGED, d.PENDING):
         metrics.resume_refusals.labels("takeover").inc()
         raise Refusal(503, "resume refused: the session's old connection is still being let go; retry",
                       metric="resume_takeover", headers=(("Retry-After", "1"),))
@@ -182,22 +193,62 @@ def backend_of(rec: dict, plan, routing) -> str | None:
     return plan.pick()
 
 
+class Early:
+    """What reaches a resuming session before its replay is out: kept in order, sent
+    after the replay (bounded by send_buffer_bytes: past it a message is refused, and
+    its publisher told so). `lost`: the client went without a close meanwhile (reliable
+    mode: parked once the replay is in the window)."""
+
+    __slots__ = ("items", "size", "limit", "lost")
+
+    def __init__(self, limit: int):
+        self.items: list[tuple[int, bytes]] = []
+        self.size = 0
+        self.limit = limit
+        self.lost = False
+
+    def add(self, opcode: int, payload: bytes) -> bool:
+        if self.size + len(payload) > self.limit:
+            return False
+        self.items.append((opcode, payload))
+        self.size += len(payload)
+        return True
+
+    def add_frame(self, frame: bytes) -> bool:
+        h = frames.parse_header(frame, 0)
+        if h is None:
+            return False
+        b0, length, hlen, _ = h
+        return self.add(b0 & 0x0F, frame[hlen:hlen + length])
+
+
 async def complete(node, s, rec: dict, pending: bytes, leftover: bytes) -> None:
     """After the 101: the replay, then the session goes live (see the module docstring)."""
     sid = s.session_id
+    cluster = node.cluster
+    resuming = cluster.delivery.resuming
+    early = s.early = Early(s.limits.send_buffer_bytes)
+    resuming[sid] = s                              # the bus finds it by its session id
+    node.resumed(s, rec.get("channels") or ())    # pushes and channel messages reach it again, held
     try:
-        entries = await node.cluster.store.detached.finish(sid, node.node_id, None)
+        entries = await cluster.store.detached.finish(sid, node.node_id, None, cluster.record(s))
     except StoreUnavailable:
         entries = None
-    if s.client.gone or s.client.sent:
-        if entries is None:
-            await release(node, sid)
-        return
+    s.early = None
+    if resuming.get(sid) is s:
+        del resuming[sid]
+    gone = s.client.gone or s.client.sent
     if entries is None:
         # Store gone, or the lease ran out and another node has the session: nothing was sent.
         await release(node, sid)
-        metrics.resume_refusals.labels("finish_failed").inc()
-        s.gateway_close(TRY_AGAIN_LATER, "resume failed; retry")
+        if early.lost:
+            Closing.client_lost(s)
+        elif not gone:
+            metrics.resume_refusals.labels("finish_failed").inc()
+            s.gateway_close(TRY_AGAIN_LATER, "resume failed; retry")
+        return
+    if gone and not early.lost:
+        cluster.forget(s)   # it ended meanwhile: the record the finish wrote is this node's to remove
         return
     if s.rel is not None:
         # Numbered from the buffer's first; what the client has (up to `last`, its
@@ -205,15 +256,31 @@ async def complete(node, s, rec: dict, pending: bytes, leftover: bytes) -> None:
         first, _, entries = reliable.split_replay(entries) or (0, 0, [])
         skip = s.rel.window.sent - first + 1
         entries = entries[skip:]
-        for _, opcode, payload in entries:
-            s._to_client(opcode, payload)
+        out = [(opcode, payload) for _, opcode, payload in entries] + early.items
+        if early.lost:   # into the window only: parked with it below
+            for opcode, payload in out:
+                s.rel.window.add(opcode, payload)
+                s.u_msgs += 1
+        else:
+            for opcode, payload in out:
+                s._to_client(opcode, payload)
     else:
         write = s.transport.write
         for _, opcode, payload in entries:
             write(frames.frame(opcode, payload))
         s.u_msgs += len(entries)
+        for opcode, payload in early.items:
+            s.send_message(opcode, payload)
     metrics.replayed.inc(len(entries))
     metrics.resumes.inc()
-    node.resumed(s, rec.get("channels") or ())
+    node.on_open(s)
     event(log, "resumed", conn=s.id, session=sid, replayed=len(entries), from_node=rec.get("node"))
+    if early.lost:
+        # Cut while its replay was on its way: parked now, the replay in its window.
+        if node.drainer is not None and node.drainer.dropped(s):
+            if leftover:
+                s.capture.feed(leftover)   # what the upstream sent past its 101 is kept too
+        else:
+            Closing.client_lost(s)
+        return
     s.start(pending, leftover)

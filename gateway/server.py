@@ -247,7 +247,8 @@ class Node:
         s.start(pending, leftover)
 
     def resumed(self, s: Session, channels) -> None:
-        """A resumed session's replay is out: it takes pushes, channels and presence again."""
+        """A resuming session takes pushes and channel messages again (held until its
+        replay is out: resume.complete, which registers it live after that)."""
         if s.sub is not None:
             self.by_sub.setdefault(s.sub, set()).add(s)
         for name in channels:
@@ -255,7 +256,6 @@ class Node:
                 self.channels.subscribe(s, name)
             except ChannelError as exc:   # a limit lowered by a reload since: said, not fatal
                 event(log, "resume_channel_refused", logging.WARNING, conn=s.id, channel=name, why=str(exc))
-        self.on_open(s)
 
     def session_closed(self, s: Session, was_open: bool) -> None:
         self.sockets -= 1

@@ -89,11 +89,17 @@ class DetachedSessions(Protocol):
     async def read(self, sid: str) -> list[Entry]:
         """The whole replay buffer, oldest first."""
 
-    async def finish(self, sid: str, node: str, after: str | None) -> list[Entry] | None:
+    async def finish(self, sid: str, node: str, after: str | None, live: dict | None = None) -> list[Entry] | None:
         """The resume is complete: if `node` still holds the lease, mark the
         session used, drop its buffer and return what was appended after the
         entry id `after` (None: after nothing), atomically. None when the lease
-        was lost (it ran out and another node took the session)."""
+        was lost (it ran out and another node took the session).
+
+        `live`: the session's record on `node` (cluster.record), written with its
+        connection, subject and channel index entries in the same step, in place of
+        the detached ones: whoever publishes after the buffer is taken finds the
+        session on `node`, and an append that lost the race is answered "gone"
+        with the index already naming `node` (delivery follows it there)."""
 
     async def release(self, sid: str, node: str) -> None:
         """A resume failed half-way: give the lease back for the next attempt."""
@@ -223,7 +229,7 @@ class MemoryDetached:
     async def read(self, sid):
         return list(self.s._live(f"replay:{sid}") or ())
 
-    async def finish(self, sid, node, after):
+    async def finish(self, sid, node, after, live=None):
         d = self._det(sid)
         if d is None or d["state"] != "resuming" or d["lease"] != node:
             return None
@@ -231,6 +237,10 @@ class MemoryDetached:
         rest = buf if after is None else [e for e in buf if int(e[0]) > int(after)]
         if d["rec"].get("connection"):     # the resumed session has its own connection id
             self.s._drop(f"conn:{d['rec']['connection']}")
+        if live is not None:   # its indexes name the new node in the same step
+            for c in d["rec"].get("channels") or ():
+                self.s._discard(f"chan:{c}", sid)
+            self.s._put(live)
         self._end(sid, d, "used")
         return list(rest)
 

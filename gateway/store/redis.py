@@ -301,7 +301,7 @@ class RedisStore:
                     key = self._k(f"chan:{c}")
                     p.hset(key, sid, member)
                     p.pexpire(key, px)
-            self._where[sid] = _Where(conn, sub, channels)
+            self.remember(rec)
         elif type(op) is Delete:
             self._queue_delete(p, op.session, op.node, op.sub, op.channels)
         elif type(op) is Join:
@@ -319,6 +319,10 @@ class RedisStore:
                 w.channels.discard(op.channel)
         else:
             raise TypeError(f"not a store op: {op!r}")
+
+    def remember(self, rec: dict) -> None:
+        """`rec`'s session is this node's, as written: the heartbeat refreshes its keys, a Delete removes them."""
+        self._where[rec["session"]] = _Where(rec.get("connection"), rec.get("sub"), set(rec.get("channels") or ()))
 
     def _queue_delete(self, p, sid: str, node: str, sub: str | None, channels, conn: str | None = None) -> None:
         w = self._where.pop(sid, None) or self._retired.pop(sid, None)

@@ -18,8 +18,10 @@ import time
 
 import orjson
 
+from ..records import encode
 from . import detached as d
 from .detached import DETACHED_NODE, TOMBSTONE_S, Entry, Parked
+from .memory import member_of
 
 # KEYS: det, replay, detached zset, session, node set, conn (or ""), sub (or "").
 # ARGV: rec, th, sub, until_ms, ttl_ms, sid, member, channel keys...
@@ -90,14 +92,38 @@ redis.call('HSET', KEYS[1], 'state', 'resuming', 'lease', ARGV[3], 'lease_until'
 return {'ok', h[9]}
 """
 
-# KEYS: det, replay, detached zset. ARGV: node, after id ('-' for all), sid, ttl_ms (tombstone), prefix.
-# The old connection's id stops naming the session: the resumed one has its own.
+# KEYS: det, replay, detached zset. ARGV: node, after id ('-' for all), sid, ttl_ms (tombstone), prefix,
+# then, when the resuming node gives its live record: the record, ttl_ms (session TTL), its connection
+# id (or ''), its subject (or ''), its channel member entry, its channels...
+# The old connection's id stops naming the session: the resumed one has its own. With a live record
+# the session's indexes name the new node in the same step as the buffer is taken: a publish that
+# comes after it finds the session there, never a parked buffer that is gone.
 _FINISH = """
 local h = redis.call('HMGET', KEYS[1], 'state', 'lease', 'rec')
 if h[1] ~= 'resuming' or h[2] ~= ARGV[1] then return false end
+local p = ARGV[5]
 if h[3] and h[3] ~= '' then
   local rec = cjson.decode(h[3])
-  if type(rec['connection']) == 'string' then redis.call('DEL', ARGV[5] .. 'conn:' .. rec['connection']) end
+  if type(rec['connection']) == 'string' then redis.call('DEL', p .. 'conn:' .. rec['connection']) end
+  if ARGV[6] and type(rec['channels']) == 'table' then
+    for _, c in ipairs(rec['channels']) do redis.call('HDEL', p .. 'chan:' .. c, ARGV[3]) end
+  end
+end
+if ARGV[6] then
+  local sid, px = ARGV[3], ARGV[7]
+  redis.call('SET', p .. 'session:' .. sid, ARGV[6], 'PX', px)
+  if ARGV[8] ~= '' then redis.call('SET', p .. 'conn:' .. ARGV[8], sid, 'PX', px) end
+  local set = p .. 'node:' .. ARGV[1] .. ':sessions'
+  redis.call('SADD', set, sid)
+  redis.call('PEXPIRE', set, px)
+  if ARGV[9] ~= '' then
+    redis.call('HSET', p .. 'sub:' .. ARGV[9], sid, ARGV[1])
+    redis.call('PEXPIRE', p .. 'sub:' .. ARGV[9], px)
+  end
+  for i = 11, #ARGV do
+    redis.call('HSET', p .. 'chan:' .. ARGV[i], sid, ARGV[10])
+    redis.call('PEXPIRE', p .. 'chan:' .. ARGV[i], px)
+  end
 end
 local rest
 if ARGV[2] == '-' then
@@ -219,12 +245,19 @@ class RedisDetached:
         async with self.s._guard("replay_read"):
             return _entries(await self.s._redis.xrange(self.s._k(f"replay:{sid}"), "-", "+"))
 
-    async def finish(self, sid, node, after):
-        async with self.s._guard("resume_finish"):
-            rest = await self._script("finish", _FINISH)(
-                keys=self._keys(sid), args=[node, after or "-", sid, int(TOMBSTONE_S * 1000), self.s._k("")])
+    async def finish(self, sid, node, after, live=None):
+        s = self.s
+        args = [node, after or "-", sid, int(TOMBSTONE_S * 1000), s._k("")]
+        if live is not None:
+            channels = sorted(live.get("channels") or ())
+            args += [encode("session", live), max(1, int(s.session_ttl_s * 1000)), live.get("connection") or "",
+                     live.get("sub") if live.get("sub") is not None else "", orjson.dumps(member_of(live))] + channels
+        async with s._guard("resume_finish"):
+            rest = await self._script("finish", _FINISH)(keys=self._keys(sid), args=args)
         if rest is None:
             return None
+        if live is not None:
+            s.remember(live)
         return _entries(rest)
 
     async def release(self, sid, node):

@@ -362,6 +362,43 @@ async def gone_from(gw, sid: str) -> bool:
     return not any(s.session_id == sid for s in gw.node.sessions.values())
 
 
+async def with_traffic(gw, numbered, token: str) -> tuple[Peer, str]:
+    """A reliable session on `gw` that sent c1..c3 (the backend has them) and read 10: (its peer, its id)."""
+    peer = await Peer.connect(gw.url, query=f"?access_token={token}")
+    sid = peer.hello["session"]
+    for i in range(1, 4):
+        peer.send(f"c{i}")
+    await peer.read_until(lambda: len(peer.got) >= 10, "traffic")
+    await until(lambda: _async(len(numbered.got[sid]) == 3), what="the backend got c1..c3")
+    return peer, sid
+
+
+def hold_park(gw) -> asyncio.Event:
+    """`gw` writes no parked record until the returned event is set."""
+    store = gw.node.cluster.store.detached
+    release = asyncio.Event()
+    park = store.park
+
+    async def held(items):
+        await release.wait()
+        return await park(items)
+    store.park = held
+    return release
+
+
+def record_takeovers(gw) -> list[bool]:
+    """What each take-over `gw` asks for is answered, in order."""
+    delivery = gw.node.cluster.delivery
+    take_over = delivery.take_over
+    asked: list[bool] = []
+
+    async def recorded(*args):
+        asked.append(await take_over(*args))
+        return asked[-1]
+    delivery.take_over = recorded
+    return asked
+
+
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_dropped_connection_is_parked_and_resumed_with_what_the_client_missed(
         gateway, request, numbered, jwt_env, store):
@@ -392,30 +429,10 @@ async def test_a_resume_right_after_the_drop_waits_for_the_park(gateway, request
     still closing the upstream): the resume waits for it instead of being told 401."""
     a, b = await nodes(gateway, request, store, numbered.url)
     token = jwt_for("hank")
-    peer = await Peer.connect(a.url, query=f"?access_token={token}")
-    sid = peer.hello["session"]
-    for i in range(1, 4):
-        peer.send(f"c{i}")
-    await peer.read_until(lambda: len(peer.got) >= 10, "traffic")
-    await until(lambda: _async(len(numbered.got[sid]) == 3), what="the backend got c1..c3")
+    peer, sid = await with_traffic(a, numbered, token)
     s = session_of(a)
-    # Hold the park back: the session is dropped, its record not written, when the resume comes.
-    store_of_a = a.node.cluster.store.detached
-    release = asyncio.Event()
-    park = store_of_a.park
-
-    async def slow_park(items):
-        await release.wait()
-        return await park(items)
-    store_of_a.park = slow_park
-    delivery = b.node.cluster.delivery
-    take_over = delivery.take_over
-    asked: list[bool] = []
-
-    async def recorded(*args):
-        asked.append(await take_over(*args))
-        return asked[-1]
-    delivery.take_over = recorded
+    release = hold_park(a)   # the session is dropped, its record not written, when the resume comes
+    asked = record_takeovers(b)
     peer.raw.writer.transport.abort()
     await until(lambda: _async(s.capture is not None), what="dropped, parking")
     resuming = asyncio.ensure_future(
