@@ -863,8 +863,9 @@ def _routes(r: _Reader, doc: _Doc, value: Any, backends: dict[str, Backend], aut
 
 def _reliable(r: _Reader, doc: _Doc, rp: Path, m: dict, backends: dict[str, Backend], backend: str | None,
               split: list[SplitEntry], actions: list[tuple[str, str]]) -> Reliable | None:
-    """`reliable:` (null or a mapping; docs/reliable.md). Needs websocket backends:
-    the gateway strips and adds the kind byte on the message path it runs for them."""
+    """`reliable:` (null or a mapping; docs/reliable.md). Needs websocket or http
+    backends: the gateway strips and adds the kind byte on the message path it runs
+    for them (a builtin or select+actions answers from inside the gateway, unnumbered)."""
     if "reliable" not in m:
         return None
     path = rp + ("reliable",)
@@ -878,9 +879,9 @@ def _reliable(r: _Reader, doc: _Doc, rp: Path, m: dict, backends: dict[str, Back
                    ack_every=r.get(v, path, "ack_every", "int", d.ack_every, minimum=1),
                    ack_ms=r.get(v, path, "ack_ms", "number", d.ack_ms, minimum=1))
     names = [backend] if backend else [e.backend for e in split]
-    others = sorted({n for n in names if n in backends and backends[n].type != "websocket"})
+    others = sorted({n for n in names if n in backends and backends[n].type not in ("websocket", "http")})
     if actions or others:
-        doc.error(path, "needs a websocket backend (reliable mode is not built for "
+        doc.error(path, "needs a websocket or http backend (reliable mode is not built for "
                         f"{'select+actions' if actions else ', '.join(others)})")
     return out
 

@@ -189,6 +189,9 @@ class Handshake(asyncio.Protocol):
             link = httpbackend.link(s, routing.forward_claims, hash_key(hash_on, head, s, claims), plan)
         greeting = b""
         welcome = None
+        rel = route.route.reliable if wants_reliable and self.resume is None else None
+        if resumed_reliable is not None:
+            rel = resumed_reliable[0]
         if self.resume is not None:
             if link is not None:
                 link.connected = True              # no second connect event; its requests say so instead
@@ -200,24 +203,21 @@ class Handshake(asyncio.Protocol):
                 if plan.disconnect is not None:
                     plan.disconnect.disconnect(s)
                 return
-            if welcome.status == 200 and welcome.body:
-                # The first message rides with the 101: nothing can come before it.
-                greeting = frames.frame(httpbackend.reply_opcode(welcome.content_type, welcome.body), welcome.body)
-                s.u_msgs += 1
         elif link is not None:
             link.connected = True
         if backend is None or backend.type != "websocket":
             s.sink = plan.actions if backend is None else routing.sinks[backend.name]
             protocol = None if offered else own_offer(client_offer)
+            if rel is not None:   # an HTTP backend (config allows no other sink): numbered as a websocket's
+                protocol = reliable.SUBPROTOCOL
+                greeting = make_reliable(s, rel, *(resumed_reliable or (None, 0, 0))[1:])
+            greeting += welcome_frame(s, welcome)
             self._go_live(routing, route, frames.accept_key(key), protocol, None, None, b"", greeting)
             if welcome is not None:
                 plan.connect.apply_channels(s, welcome)
             return
         pool = routing.pools[backend.name]
         forwarded, deflate_offer = upstream_headers(head, s, route.name, identity, token, claims)
-        rel = route.route.reliable if wants_reliable and self.resume is None else None
-        if resumed_reliable is not None:
-            rel = resumed_reliable[0]
         if rel is not None:
             deflate_offer = ""   # the kind byte is stripped and added on plain payloads
         if self.resume is not None:
@@ -258,6 +258,7 @@ class Handshake(asyncio.Protocol):
             greeting = make_reliable(s, rel, *(resumed_reliable or (None, 0, 0))[1:])
         elif not protocol and not offered:
             protocol = own_offer(client_offer)
+        greeting += welcome_frame(s, welcome)
         self._go_live(routing, route, frames.accept_key(key), protocol, extensions, transport, leftover, greeting)
         if welcome is not None:
             plan.connect.apply_channels(s, welcome)
@@ -304,6 +305,16 @@ class Handshake(asyncio.Protocol):
 
 
 # ------------------------------------------------------------------ helpers
+def welcome_frame(s, welcome) -> bytes:
+    """The connect event's 200 reply with a body: the first message, riding with the
+    101 (after a reliable session's hello, numbered), so nothing can come before it."""
+    if welcome is None or welcome.status != 200 or not welcome.body:
+        return b""
+    s.u_msgs += 1
+    opcode = httpbackend.reply_opcode(welcome.content_type, welcome.body)
+    return s.numbered(opcode, welcome.body) if s.rel is not None else frames.frame(opcode, welcome.body)
+
+
 def check_upgrade(head: http1.RequestHead) -> str:
     """The request is a WebSocket upgrade we speak; returns its Sec-WebSocket-Key."""
     h = head.headers

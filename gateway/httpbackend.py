@@ -291,8 +291,10 @@ class HttpBackend:
 
     def on_close(self, session) -> None:
         # Messages already taken from the client are still delivered, then
-        # the disconnect event (queued behind them): nothing to do here.
-        pass
+        # the disconnect event (queued behind them); a worker waiting for a
+        # reliable window's room goes on (the replies go nowhere or to the capture).
+        if session.rel is not None:
+            session.wake_room()
 
     async def _work(self, session, st: SessionLink, conn: _Conn, opcode: int, payload: bytes,
                     ready: float) -> None:
@@ -305,6 +307,9 @@ class HttpBackend:
                         await self._send_disconnect(session, st)
                         ready = time.monotonic()
                     else:
+                        rel = session.rel
+                        if rel is not None and rel.window.full:
+                            await session.window_room()   # reliable mode: the reply must fit (docs/reliable.md)
                         ready = await self._send_message(session, st, opcode, payload, ready)
                 except Exception:  # a bug here must not stall the queue or vanish
                     log.exception("http backend error", extra={"fields": {
@@ -334,7 +339,7 @@ class HttpBackend:
         joins a channel and says so arrives after the join took effect)."""
         self.apply_channels(session, reply)
         if reply.status == 200 and reply.body:
-            session.send_message(reply_opcode(reply.content_type, reply.body), reply.body)
+            session.send_reply(reply_opcode(reply.content_type, reply.body), reply.body)
 
     def apply_channels(self, session, reply: Reply) -> None:
         channels = self.node.channels

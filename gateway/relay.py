@@ -607,6 +607,10 @@ class Session(Closing, Seam, Moving, Draining):
         """Send one whole message to the client (sinks, management API)."""
         return self.send_raw(frames.frame(opcode, payload))
 
+    def send_reply(self, opcode: int, payload: bytes) -> bool:
+        """An HTTP backend's reply to a message of the client's (reliable_session.py keeps it past a full window)."""
+        return self.send_message(opcode, payload)
+
     def send_raw(self, frame_bytes: bytes) -> bool:
         """Send an already built (unmasked) frame: fan-out builds it once for everyone."""
         if self.capture is not None:

@@ -188,9 +188,12 @@ class Inbound:
 
 class Peer:
     """A reliable session's own state beside the relay's: both directions' counts,
-    the ack timer, and the upstream message being joined from its frames."""
+    the ack timer, and the upstream message being joined from its frames. `room`:
+    an HTTP backend's worker waiting for the window to have room (an opaque waiter
+    the session resolves)."""
 
-    __slots__ = ("window", "inbound", "ack_s", "ack_timer", "token_hash", "parts", "parts_size", "msg_op")
+    __slots__ = ("window", "inbound", "ack_s", "ack_timer", "token_hash", "parts", "parts_size", "msg_op",
+                 "room")
 
     def __init__(self, cfg, up: int = 0, down: int = 0):
         """`cfg`: config.Reliable. `up`, `down`: the counts so far (non-zero on a resume)."""
@@ -202,3 +205,4 @@ class Peer:
         self.parts: list[bytes] | None = None
         self.parts_size = 0
         self.msg_op = 0
+        self.room = None

@@ -122,6 +122,9 @@ class ReliableSession(Session):
             if self.c_drop:
                 return True
             self.c_msgs += 1
+            if self.sink is not None:   # an HTTP backend: POSTed as a plain message
+                self.sink.on_message(self, opcode, message[1:])
+                return self.closer is None
             if mask is None:
                 self._send_upstream(frames.frame(opcode, message[1:], mask=True))
             else:
@@ -134,14 +137,21 @@ class ReliableSession(Session):
             if count is None or not window.ack(count):
                 self._client_violation(PROTOCOL_ERROR, "reliable: bad ack")
                 return False
-            if full and not window.full and not self.upstream.gone:
-                if self.u_buf:
-                    self.from_upstream(b"")   # what was read past the full window
-                if not window.full and not (self.stall_timer is not None and self.stall_client):
-                    self.up.resume_reading()
+            if full and not window.full:
+                if not self.upstream.gone:
+                    if self.u_buf:
+                        self.from_upstream(b"")   # what was read past the full window
+                    if not window.full and not (self.stall_timer is not None and self.stall_client):
+                        self.up.resume_reading()
+                elif rel.room is not None:
+                    self.wake_room()
             return True
         self._client_violation(PROTOCOL_ERROR, "reliable: unknown kind byte")
         return False
+
+    # The relay's read function for a backend inside the gateway (an HTTP backend) too:
+    # every message carries the kind byte either way.
+    from_client_messages = from_client_relay
 
     def _ack_now(self) -> None:
         rel = self.rel
@@ -250,6 +260,39 @@ class ReliableSession(Session):
             return False
         self.u_bytes += len(payload)
         return self._to_client(opcode, bytes(payload))
+
+    def send_reply(self, opcode: int, payload: bytes) -> bool:
+        """An HTTP backend's reply to a message the client sent: numbered and kept even
+        when the window is full. Bounded all the same: the backend's worker POSTs the
+        next message only once the window has room (window_room), so one reply per
+        backend at most goes past it."""
+        if self.capture is not None:
+            return self.capture.add(opcode, bytes(payload))
+        if self.early is not None:
+            return self.early.add(opcode, bytes(payload))
+        self.u_bytes += len(payload)
+        return self._to_client(opcode, bytes(payload))
+
+    def numbered(self, opcode: int, payload: bytes) -> bytes:
+        """The frame of a message that rides with the 101 after the hello (an HTTP
+        backend's connect reply): numbered and kept like any other."""
+        self.rel.window.add(opcode, payload)
+        return frames.frame(opcode, b"d" + payload)
+
+    async def window_room(self) -> None:
+        """Until the window has room for an HTTP backend's next reply, or no longer
+        needs it (the session drained, parked or ended: what comes goes elsewhere)."""
+        rel = self.rel
+        while rel.window.full and self.capture is None and self.state is State.OPEN:
+            if rel.room is None:
+                rel.room = self.node.loop.create_future()
+            await rel.room
+
+    def wake_room(self) -> None:
+        """An ack made room, or the session drained or ended: a waiting worker looks again."""
+        room, self.rel.room = self.rel.room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def send_raw(self, frame_bytes: bytes) -> bool:
         h = parse_header(frame_bytes, 0)

@@ -286,20 +286,29 @@ class Draining:
     def _capture_upstream(self) -> None:
         """The drain's close frame just went to the client, at a frame boundary:
         from here on the upstream's frames go to the capture."""
-        if self.sink is not None or self.upstream.received or self.state is not State.DRAINING:
+        if self.state is not State.DRAINING or self.capture.first is not None:
             return
         capture = self.capture
-        capture.buf = self.u_buf   # an unfinished frame header of which the client saw nothing
-        self.u_buf = b""
-        self.u_need = 0
         rel = self.rel
         if rel is not None:
-            # What the client has not acked goes first, numbered on from the window's start;
-            # then a message half joined, then what a full window held back.
+            # What the client has not acked goes first, numbered on from the window's start.
             window = rel.window
             capture.first = window.first
             for opcode, payload in window.items:
                 capture.add(opcode, payload)
+        if self.sink is not None:
+            # An HTTP backend: its replies come through send_reply to the capture. A worker
+            # held back by the full window goes on.
+            if rel is not None:
+                self.wake_room()
+            return
+        if self.upstream.received:
+            return
+        capture.buf = self.u_buf   # an unfinished frame header of which the client saw nothing
+        self.u_buf = b""
+        self.u_need = 0
+        if rel is not None:
+            # Then a message half joined, then what a full window held back.
             capture.parts, capture.msg_op, capture.parts_size = rel.parts, rel.msg_op, rel.parts_size
             rel.parts = None
             rel.parts_size = 0

@@ -130,10 +130,23 @@ def test_reliable_unknown_key_and_bad_values_name_file_and_line():
     assert any(p.startswith("routes.yaml:10:") and "ack_every" in p and "at least 1" in p for p in problems), problems
 
 
-def test_reliable_needs_a_websocket_backend():
+BUILTIN = """\
+backends:
+  e: {type: builtin, handler: echo}
+routes:
+  - name: r
+    match: {path: /ws}
+    backend: e
+    reliable: {}
+"""
+
+
+def test_reliable_takes_websocket_and_http_backends_not_builtin():
+    assert parse("reliable: {}\n", backend="h").routes[0].reliable is not None
     with pytest.raises(ConfigError) as exc:
-        parse("reliable: {}\n", backend="h")
-    assert any("reliable" in p and "websocket backend" in p for p in exc.value.problems), exc.value.problems
+        config.parse(BUILTIN, source="routes.yaml")
+    assert any("reliable" in p and "websocket or http backend" in p and "e" in p for p in exc.value.problems), \
+        exc.value.problems
 
 
 def test_a_replay_buffer_ends_with_the_counts_a_resume_needs():
