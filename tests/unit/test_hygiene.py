@@ -10,7 +10,16 @@ and its delay folds to a non-zero number: literals, arithmetic on them, and name
 the same module only ever binds to such a value (so `sleep(SLOW_S)` counts,
 `sleep(interval_s)` of a parameter does not). An entry is keyed by file, enclosing
 function and the call's source, not by line number, so edits elsewhere in a file
-do not break it; an entry that matches nothing fails too, so the list stays true."""
+do not break it; an entry that matches nothing fails too, so the list stays true.
+
+No wall-clock threshold either: an `assert` whose comparison involves elapsed
+time (`time.monotonic() - started < 2`, `loop.time() - t0`, a name or attribute
+bound to such a difference, `(datetime.now() - t0).total_seconds()`), or that
+orders a clock reading (`time.monotonic() < deadline`), fails this test. What
+such an assert means to prove ("bounded by the configured timeout, not waiting
+on the peer") is shown by the mechanism instead: what was raised, the log line
+or metric that says which timer fired, the state reached; a generous bound
+used only to turn a hang into a failure (`asyncio.wait_for`, `until`) is fine."""
 
 from __future__ import annotations
 
@@ -191,3 +200,228 @@ async def t(interval_s, page):
 '''
     assert [(line, scope) for line, scope, _ in fixed_sleeps(src)] == [
         (6, "t"), (7, "t"), (8, "t"), (9, "t"), (10, "t"), (11, "t"), (18, "t.C.m")]
+
+
+# ---- wall-clock thresholds in asserts
+
+# Calls that read a clock: time.monotonic(), loop.time(), perf_counter(), datetime.now()...
+CLOCKS = {"monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "time", "time_ns", "process_time",
+          "now", "utcnow"}
+_NESTED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+READING, ELAPSED = 1, 2      # what an expression is in time: a point on a clock, or a span between two
+
+
+def _is_clock(node) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    f = node.func
+    return (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "") in CLOCKS
+
+
+class _Timing:
+    """Which names (per scope) and attributes (per module: `self.took_s = ...`
+    read as `p.took_s`) hold a clock reading or an elapsed time."""
+
+    def __init__(self):
+        self.attrs: dict[str, int] = {}
+
+    def kind(self, node, names: dict[str, int]) -> int:
+        if _is_clock(node):
+            return READING
+        if isinstance(node, ast.Name):
+            return names.get(node.id, 0)
+        if isinstance(node, ast.Attribute):
+            return self.attrs.get(node.attr, 0)
+        if isinstance(node, ast.UnaryOp):
+            return self.kind(node.operand, names)
+        if isinstance(node, ast.BinOp):
+            a, b = self.kind(node.left, names), self.kind(node.right, names)
+            if isinstance(node.op, ast.Sub) and READING in (a, b) and ELAPSED not in (a, b):
+                # A reading less a reading, or less something unknown (a parameter), is a span;
+                # less a constant it is another reading (an hour ago).
+                other = node.right if a == READING else node.left
+                return READING if b != READING and _fold(other, {}) is not None else ELAPSED
+            return max(a, b)
+        if isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr == "total_seconds":
+                return self.kind(f.value, names)
+            if isinstance(f, ast.Name) and f.id in ("round", "abs", "int", "float", "min", "max"):
+                return max((self.kind(a, names) for a in node.args), default=0)
+        return 0
+
+    def involves_elapsed(self, node, names) -> bool:
+        return any(self.kind(n, names) == ELAPSED for n in ast.walk(node))
+
+
+def _own_nodes(body):
+    """The nodes of a scope, not those of the functions and classes defined in it."""
+    stack = [n for n in body if not isinstance(n, _NESTED)]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack += [c for c in ast.iter_child_nodes(node) if not isinstance(c, _NESTED)]
+
+
+def _scopes(tree):
+    """(path, own nodes, the scopes defined in it) from the module down."""
+    def visit(node, path):
+        body = node.body if isinstance(node.body, list) else [node.body]
+        own = list(_own_nodes(body))
+        inner = [n for n in own for n in ast.iter_child_nodes(n) if isinstance(n, _NESTED)]
+        inner += [n for n in body if isinstance(n, _NESTED)]
+        return path, node, own, [visit(n, path + [getattr(n, "name", "<lambda>")]) for n in inner]
+    return visit(tree, [])
+
+
+def _bind(timing: _Timing, node, own, inherited: dict[str, int]) -> dict[str, int]:
+    """The scope's names that hold a reading or an elapsed time (the stronger if bound to both);
+    attributes assigned here are added to `timing.attrs`."""
+    names = dict(inherited)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        a = node.args
+        for arg in a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]:
+            names.pop(arg.arg, None)         # a parameter shadows the outer name
+    for _ in range(3):                       # names defined from names
+        for n in own:
+            if isinstance(n, ast.Assign):
+                pairs = [(t, n.value) for t in n.targets]
+            elif isinstance(n, (ast.AnnAssign, ast.AugAssign, ast.NamedExpr)) and n.value is not None:
+                pairs = [(n.target, n.value)]
+            else:
+                continue
+            for target, value in pairs:
+                k = timing.kind(value, names)
+                if not k:
+                    continue
+                if isinstance(target, ast.Name):
+                    names[target.id] = max(names.get(target.id, 0), k)
+                elif isinstance(target, ast.Attribute):
+                    timing.attrs[target.attr] = max(timing.attrs.get(target.attr, 0), k)
+    return names
+
+
+_ORDER = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+
+
+def timed_asserts(source: str) -> list[tuple[int, str, str]]:
+    """(line, enclosing function, assert source) of each assert in `source` that
+    compares an elapsed time (any comparison: `== pytest.approx(1)` measures too)
+    or orders a clock reading (`time.monotonic() < deadline`)."""
+    tree = ast.parse(source)
+    timing = _Timing()
+    root = _scopes(tree)
+
+    def walk(scope, inherited, found):
+        path, node, own, inner = scope
+        names = _bind(timing, node, own, inherited)
+        if found is not None:
+            for n in own:
+                if isinstance(n, ast.Assert) and any(
+                        isinstance(c, ast.Compare) and _timed(c, names) for c in ast.walk(n.test)):
+                    found.append((n.lineno, ".".join(path), ast.unparse(n.test)))
+        for s in inner:
+            walk(s, {} if isinstance(node, ast.ClassDef) else names, found)
+
+    def _timed(c: ast.Compare, names) -> bool:
+        sides = [c.left, *c.comparators]
+        if any(timing.involves_elapsed(x, names) for x in sides):
+            return True
+        return any(isinstance(op, _ORDER) for op in c.ops) and any(timing.kind(x, names) for x in sides)
+
+    for _ in range(3):                       # attributes assigned in one function, read in another
+        before = dict(timing.attrs)
+        walk(root, {}, None)
+        if timing.attrs == before:
+            break
+    found: list[tuple[int, str, str]] = []
+    walk(root, {}, found)
+    return sorted(found)
+
+
+def timed_report(rel: str, source: str) -> list[str]:
+    """`tests/<rel>:<line> in <function>: assert <source>` for each timed assert in `source`."""
+    return [f"tests/{rel}:{line} in {scope or '<module>'}: assert {src}" for line, scope, src in timed_asserts(source)]
+
+
+def test_no_assert_measures_wall_clock_time():
+    flagged = [f for path in sorted(TESTS.rglob("*.py"))
+               for f in timed_report(path.relative_to(TESTS).as_posix(), path.read_text())]
+    assert not flagged, ("an assert on elapsed time fails on a slow or busy machine and proves little on a fast "
+                         "one; check what says the bound held (the exception, the log event or metric naming the "
+                         "timer, the state reached), with a generous hang guard if needed:\n  "
+                         + "\n  ".join(flagged))
+
+
+def test_the_scan_sees_wall_clock_asserts_and_only_those():
+    src = '''
+import asyncio, time
+from datetime import datetime
+import pytest
+
+
+async def fails_fast(a, calls):                     # tests/integration/test_store.py, before
+    for call in calls:
+        started = time.monotonic()
+        await call()
+        assert time.monotonic() - started < 2.0
+    started = time.monotonic()
+    await a.listen()
+    assert time.monotonic() - started < 2.0 and a.available is False
+
+
+async def dial_bounded():                           # tests/integration/test_dial.py, before
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert loop.time() - started < 5
+
+
+async def exits(p):                                 # tests/integration/test_lifecycle.py, before
+    started = time.monotonic()
+    assert await p.wait(timeout=15) == 0
+    assert time.monotonic() - started < 10
+
+
+async def noticed():                                # tests/integration/test_cluster_processes.py, before
+    killed_at = time.monotonic()
+    noticed_s = time.monotonic() - killed_at
+    assert noticed_s < 30
+
+
+class Pod:
+    def terminate(self, started):
+        self.exited_after_s = time.monotonic() - started
+
+
+def others(pods, t0, deadline):
+    assert all(p.exited_after_s < 30 for p in pods)
+    assert (datetime.now() - t0).total_seconds() < 1
+    assert time.perf_counter() < deadline
+    took = round((time.perf_counter() - t0) * 1000)
+    assert took == pytest.approx(100, abs=50)
+    waited = time.monotonic() - t0
+
+    def inner():
+        assert waited <= 3
+
+
+def not_measuring(rec, got, t0, interval_s):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pass
+    print(f"{time.monotonic() - t0:.1f} s")
+    elapsed = time.monotonic() - t0
+    assert len(got) == 3, f"after {elapsed} s"
+    assert rec["exp"] == int(time.time()) + 3600
+    assert rec["at"] >= 0 and interval_s < 1
+
+    def shadowed(elapsed):
+        assert elapsed < 3
+'''
+    lines = src.splitlines()
+    found = timed_asserts(src)
+    assert [(line, scope) for line, scope, _ in found] == [
+        (11, "fails_fast"), (14, "fails_fast"), (20, "dial_bounded"), (26, "exits"), (32, "noticed"),
+        (41, "others"), (42, "others"), (43, "others"), (45, "others"), (49, "others.inner")], found
+    assert all(lines[line - 1].lstrip().startswith("assert ") for line, _, _ in found)
+    assert timed_report("integration/t.py", src)[4] == "tests/integration/t.py:32 in noticed: assert noticed_s < 30"
