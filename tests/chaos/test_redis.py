@@ -12,6 +12,7 @@ import time
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 
 from ..conftest import proxy_config
@@ -57,8 +58,44 @@ async def holds_async(check, what: str, timeout_s: float = 30):
     return await until(check, timeout_s, what, interval_s=0.1)
 
 
+def live_sessions(fleet, clients) -> dict[str, tuple[str, str, str]]:
+    """session id -> (node, connection id, subject) of each client's first session, from
+    the headers the gateway sent the backend: clients[:N] on node A, the rest on B."""
+    out = {}
+    for i, _ in enumerate(clients):
+        h = next(h for h in fleet.handshakes if h.get("Gateway-Claim-sub") == f"u{i}")
+        out[h["Gateway-Session-Id"]] = ("chaos-a" if i < N else "chaos-b", h["Gateway-Connection-Id"], f"u{i}")
+    return out
+
+
+def records_in(redis_client, live: dict[str, tuple[str, str, str]]) -> bool:
+    """Redis holds each live session's record and index entries (gateway/store/redis.py:
+    session:<id>, conn:<connection>, node:<node>:sessions, sub:<subject>; prefix gw:)."""
+    with redis_client() as c:
+        for node in {n for n, _, _ in live.values()}:
+            members = {m.decode() for m in c.smembers(f"gw:node:{node}:sessions")}
+            if not {sid for sid, (n, _, _) in live.items() if n == node} <= members:
+                return False
+        p = c.pipeline(transaction=False)
+        for sid, (node, conn, sub) in live.items():
+            p.get(f"gw:session:{sid}")
+            p.get(f"gw:conn:{conn}")
+            p.hget(f"gw:sub:{sub}", sid)
+        got = iter(p.execute())
+    for sid, (node, conn, sub) in live.items():
+        raw, by_conn, by_sub = next(got), next(got), next(got)
+        if raw is None or by_conn != sid.encode() or by_sub != node.encode():
+            return False
+        rec = orjson.loads(raw)
+        if (rec["session"], rec["node"], rec["connection"], rec["sub"]) != (sid, node, conn, sub):
+            return False
+    return True
+
+
 async def scenario(gateway, http, record_property, store: dict, fault: str, break_store, mend_store,
-                   outage_seen: bool, on_outage: str = "serve"):
+                   outage_seen: bool, on_outage: str = "serve", emptied=None):
+    """`emptied`: a client of the store when it comes back empty (a restarted
+    redis-server): the nodes must write their live sessions into it again."""
     store = {**store, "on_outage": on_outage}
     fleet = Fleet(interval_s=0.005)
     ep = await fleet.endpoint()
@@ -100,6 +137,10 @@ async def scenario(gateway, http, record_property, store: dict, fault: str, brea
         await asyncio.to_thread(mend_store)
         await store_is(http, a, "ok")
         await store_is(http, b, "ok")
+        if emptied is not None:          # resync: each node rewrote its live sessions' records
+            live = live_sessions(fleet, clients)
+            await holds_async(lambda: asyncio.to_thread(records_in, emptied, live),
+                              "every live session's record and index entries back in the restarted Redis")
         await flowing(clients)
         drain = asyncio.ensure_future(a.stop())
         await holds(lambda: all(c.resumes == 1 for c in on_a), 30, "A's sessions resumed on B")
@@ -141,7 +182,7 @@ async def scenario(gateway, http, record_property, store: dict, fault: str, brea
 async def test_redis_stopped_and_restarted_under_traffic(gateway, redis_server, http, record_property, on_outage):
     await scenario(gateway, http, record_property, {"url": redis_server.url},
                    f"redis-server stopped under traffic (on_outage: {on_outage}), restarted on the same port",
-                   redis_server.stop, redis_server.start, True, on_outage)
+                   redis_server.stop, redis_server.start, True, on_outage, emptied=redis_server.client)
 
 
 async def test_sentinel_failover_under_traffic(gateway, sentinel_set, http, record_property):
