@@ -158,12 +158,14 @@ class Cluster:
         self.by_session.pop(s.session_id, None)
 
     # Channels observer: called by node.channels on every change.
+    # Only for the session object that is live here: a drained one leaving its channels
+    # late (server.unsubscribe) must not touch the record of its resumed self.
     def joined(self, s, name: str) -> None:
-        if s.session_id in self.by_session:
+        if self.by_session.get(s.session_id) is s:
             self._queue(Put(self.record(s)))
 
     def left(self, s, name: str) -> None:
-        if s.session_id in self.by_session:
+        if self.by_session.get(s.session_id) is s:
             self._queue(Leave(session=s.session_id, channel=name))
             if s.channels:
                 self._queue(Put(self.record(s)))

@@ -71,8 +71,9 @@ class Capture:
 
     # ------------------------------------------------------------ what comes in
     def add(self, opcode: int, payload: bytes) -> bool:
-        """A whole message for the client. False when it will not be replayed (overflow)."""
-        if self.full:
+        """A whole message for the client. False when it will not be replayed (overflow, or
+        the buffer is sealed already: what still reaches it was meant for where it is now)."""
+        if self.full or self.done.done():
             return False
         self.n += 1
         self.size += len(payload)

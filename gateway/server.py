@@ -277,13 +277,13 @@ class Node:
         self.sessions.pop(s.id, None)
         if not drained:
             self.closed.add(s.id, s.close_code, s.close_reason)
-        self.channels.drop(s)
-        if s.sub is not None:
-            peers = self.by_sub.get(s.sub)
-            if peers is not None:
-                peers.discard(s)
-                if not peers:
-                    del self.by_sub[s.sub]
+            self.unsubscribe(s)
+        else:
+            # What reaches it here goes on to its buffer (send_message: the capture) until
+            # the buffer is sealed: a session parked after a drop (reliable mode) ends here
+            # before its parked record is written, and until then a publisher that reads the
+            # index finds it on this node, not parked.
+            s.capture.done.add_done_callback(lambda _f, s=s: self.unsubscribe(s))
         if s.endpoint is not None:
             s.endpoint.active -= 1
         if s.sink is not None:
@@ -296,6 +296,16 @@ class Node:
               reason=loggable_reason(s.close_reason), by=s.closer, duration_s=round(time.monotonic() - s.started, 3),
               bytes_in=s.c_bytes, bytes_out=s.u_bytes, msgs_in=s.c_msgs, msgs_out=s.u_msgs)
         self.on_close(s)
+
+    def unsubscribe(self, s: Session) -> None:
+        """`s` takes no more channel messages or pushes on this node."""
+        self.channels.drop(s)
+        if s.sub is not None:
+            peers = self.by_sub.get(s.sub)
+            if peers is not None:
+                peers.discard(s)
+                if not peers:
+                    del self.by_sub[s.sub]
 
     def flush_counters(self, s: Session) -> None:
         rm = s.route_metrics

@@ -1,40 +1,36 @@
-"""The chat demo's page (examples/chat) in headless Chromium, its TCP connection cut
-without a close, in reliable mode.
+"""The chat demo (examples/chat) in headless Chromium, its TCP connection cut without
+a close, in reliable mode.
 
-The page is the demo's, served by the demo's backend (its page, the project's JS client
-from clients/js/src, /config.json and the demo /token), opened with `?reliable=require`.
-It connects through a TCP proxy started here to a gateway route with `reliable:`. That
-route's backend is a WebSocket backend that speaks the page's messages (join, say, chat
-lines back), not the demo's HTTP backend: a route with `reliable:` needs websocket
-backends (docs/reliable.md). The page says "c1", "c2", ... (each comes back as a chat
-line) while the backend's bot says "s1", "s2", ... in the room. Then the proxy resets both
-of its sockets of the page's connection (SO_LINGER 0: an RST, no FIN, no close frame), as
-a network that drops does; Chromium sees 1006, the client resumes with its hello's token
-and `last=`, and at the end every stream is checked where it arrived: in the page (its own
-lines back and the bot's) and at the backend (what the page said), none lost, none twice,
-in order. Twice over, so the token the first resume's hello gave is the one the second
-resume takes. Screenshots are saved in the test's tmp_path.
+The page, the demo backend (an HTTP backend: rooms, presence and history through the
+gateway's channels) and the demo's routes.yaml, whose route has `reliable:`; the page is
+opened with `?reliable=require` and connects through a TCP proxy started here. The page
+says "c1", "c2", ... (each goes to the backend as a POST and comes back from the room's
+channel) while a bot publishes "s1", "s2", ... to the room through the management API.
+Then the proxy resets both of its sockets of the page's connection (SO_LINGER 0: an RST,
+no FIN, no close frame), as a network that drops does; Chromium sees 1006, the client
+resumes with its hello's token and `last=`, and at the end every stream is checked where
+it arrived: in the page (its own lines back and the bot's) and at the backend (what the
+page said), none lost, none twice, in order. Twice over, so the token the first resume's
+hello gave is the one the second resume takes. Screenshots are saved in the test's
+tmp_path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import socket
 import struct
-import time
 
 import pytest
 import yaml
-from aiohttp import WSMsgType, web
 
-from tests.helpers import serve, until
+from tests.helpers import until
 from tests.integration.numbered import contiguous
 
 from .chat_fixtures import DEMO, demo_backend
 
 SECRET = "chat-cut-browser-test-secret-0123456789abcdef"
+ADMIN_TOKEN = "chat-cut-admin-token"
 BOUND_S = 20.0      # only trips on a hang: nothing here is timed
 INTERVAL_MS = 20    # the page says a line this often; the bot says one as often
 
@@ -97,95 +93,31 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 
-class WsChat:
-    """The chat's messages on a WebSocket backend, per Gateway-Session-Id (a resumed
-    session's new upstream connection carries on): `join` answers `joined`, `say` comes
-    back as a chat line, and once a session has joined a room a bot says "s1", "s2", ...
-    in it. What each session said is kept in order of arrival (`said`)."""
-
-    def __init__(self, interval_s: float):
-        self.interval_s = interval_s
-        self.said: dict[str, list[str]] = collections.defaultdict(list)
-        self.bot: dict[str, int] = collections.defaultdict(int)
-        self.rooms: dict[str, set[str]] = collections.defaultdict(set)
-        self.handshakes: list = []
-        self.runner = None
-        self.port = 0
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/ws", self._ws)
-        self.runner, self.port = await serve(app)
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-
-    @staticmethod
-    def line(room: str, ident: str, sender: str, text: str) -> str:
-        return json.dumps({"type": "message", "room": room, "id": ident, "from": sender, "text": text,
-                           "ts": time.time()})
-
-    async def _ws(self, request: web.Request) -> web.WebSocketResponse:
-        sid = request.headers["Gateway-Session-Id"]
-        user = request.headers["Gateway-Claim-sub"]
-        self.handshakes.append(request.headers.copy())
-        ws = web.WebSocketResponse(compress=False)
-        await ws.prepare(request)
-
-        async def bot():
-            while not ws.closed:
-                for room in sorted(self.rooms[sid]):
-                    n = self.bot[sid] + 1
-                    try:
-                        await ws.send_str(self.line(room, f"bot-{n}", "bot", f"s{n}"))
-                    except (ConnectionError, RuntimeError):
-                        return
-                    if ws.closed:
-                        return
-                    self.bot[sid] = n
-                await asyncio.sleep(self.interval_s)
-
-        task = asyncio.ensure_future(bot())
-        try:
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                m = json.loads(msg.data)
-                if m.get("type") == "join":
-                    self.rooms[sid].add(m["room"])
-                    await ws.send_str(json.dumps({"type": "joined", "room": m["room"], "members": [user]}))
-                elif m.get("type") == "say":
-                    self.said[sid].append(m["text"])
-                    await ws.send_str(self.line(m["room"], f"{sid}-{len(self.said[sid])}", user, m["text"]))
-        finally:
-            task.cancel()
-        return ws
-
-
 @pytest.fixture
 async def demo(monkeypatch, gateway):
-    """The WebSocket chat backend, a gateway route with reliable: on it, the proxy in
-    front of the gateway, and the demo's backend serving the page (pointed at the proxy)."""
+    """The demo backend, a gateway on the demo's routes.yaml (its route has reliable:),
+    and the proxy in front of the gateway, the page pointed at the proxy."""
     monkeypatch.setenv("CHAT_JWT_SECRET", SECRET)   # the demo's /token signs with it, the gateway checks it
-    chat = WsChat(INTERVAL_MS / 1000)
-    await chat.start()
-    demo_cfg = yaml.safe_load((DEMO / "routes.yaml").read_text())
-    gw = await gateway({
-        "auth": demo_cfg["auth"],
-        "backends": {"chat": {"type": "websocket", "endpoints": [f"ws://127.0.0.1:{chat.port}/ws"]}},
-        "routes": [{"name": "chat", "match": {"path": "/chat"}, "auth": "required", "backend": "chat",
-                    "reliable": {"ack_every": 16, "ack_ms": 50}}],
-    })
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
+    site = demo_backend().ChatBackend([], ADMIN_TOKEN, [])
+    await site.start()
+    cfg = yaml.safe_load((DEMO / "routes.yaml").read_text())
+    assert cfg["routes"][0].get("reliable") is not None, "the demo's route is reliable"
+    cfg["backends"]["chat"]["endpoints"] = [f"http://127.0.0.1:{site.port}/events"]
+    # Room for what the page says while a loaded machine slows the backend down: a full
+    # queue closes the session 1013 (by design), which is not what this test is about.
+    cfg["backends"]["chat"]["max_queue"] = 1000
+    cfg["listen"]["port"] = cfg["admin"]["port"] = 0   # free ports
+    gw = await gateway(cfg)
     proxy = CutProxy(gw.ports[0])
     await proxy.start()
-    site = demo_backend().ChatBackend([], None, [f"ws://127.0.0.1:{proxy.port}/chat"])
-    await site.start()
+    site.admin.urls = [gw.admin_url]
+    site.gateways = [f"ws://127.0.0.1:{proxy.port}/chat"]
     try:
-        yield chat, proxy, f"http://127.0.0.1:{site.port}"
+        yield site, proxy, f"http://127.0.0.1:{site.port}"
     finally:
-        await site.stop()
         await proxy.stop()
-        await chat.stop()
+        await site.stop()
 
 
 def series(texts: list[str], prefix: str) -> list[str]:
@@ -199,6 +131,15 @@ async def test_the_chat_page_resumes_through_cut_connections_in_reliable_mode_lo
                 "alice is connected and in the lobby")
     await page.evaluate(f"() => {{ let n = 0; window.counting = setInterval(() => chat.say('c' + (++n)), "
                         f"{INTERVAL_MS}); }}")
+    published: list[dict] = []       # the management API's answer to each of the bot's lines
+    stop = asyncio.Event()
+
+    async def bot():
+        while not stop.is_set():
+            published.append(await chat.say("lobby", "bot", f"s{len(published) + 1}"))
+            await asyncio.sleep(INTERVAL_MS / 1000)
+
+    pusher = asyncio.ensure_future(bot())
 
     async def counts() -> tuple[int, int]:
         got = await page.evaluate("chat.received.map((m) => m.text)")
@@ -220,16 +161,21 @@ async def test_the_chat_page_resumes_through_cut_connections_in_reliable_mode_lo
         await until(lambda: flowing(c + 30, s + 30), BOUND_S, "lines both ways after the last cut")
     finally:
         await page.evaluate("clearInterval(window.counting)")
+        stop.set()
+        await asyncio.wait_for(pusher, BOUND_S)   # its last publish answered
     sent = await page.evaluate("chat.sent")
+    pushed = len(published)
 
     async def settled() -> bool:
-        return await page.evaluate("chat.client.unacked") == 0 and (await counts())[0] >= sent
+        c, s = await counts()
+        return await page.evaluate("chat.client.unacked") == 0 and c >= sent and s >= pushed
 
-    await until(settled, BOUND_S, f"all {sent} lines acked and back in the page")
+    await until(settled, BOUND_S, f"all {sent} lines acked and back in the page, and the bot's {pushed}")
     await page.screenshot(path=tmp_path / "3-after-two-cuts.png")
     state = await page.evaluate("({received: chat.received.map((m) => m.text), opens: chat.opens,"
                                 " closes: chat.closes.map((e) => [e.code, e.willRetry]),"
                                 " failed: chat.resumeFailures, status: document.getElementById('status-line').textContent})")
+    said = {sid: list(lines) for sid, lines in chat.said.items()}   # the session's end clears it
     await page.evaluate("chat.client.close()")
 
     # In the page: one session, resumed twice after 1006s; its own lines and the bot's, each once, in order.
@@ -238,14 +184,17 @@ async def test_the_chat_page_resumes_through_cut_connections_in_reliable_mode_lo
     assert state["failed"] == []
     assert state["status"].startswith("resumed")
     assert contiguous("c", series(state["received"], "c")) == sent
-    bot = contiguous("s", series(state["received"], "s"))
-    assert bot >= 90
+    assert contiguous("s", series(state["received"], "s")) == pushed
+    assert all(a["delivered"] == 1 for a in published), [a for a in published if a["delivered"] != 1]
     assert proxy.cuts == 2 and proxy.connections >= 3   # more: a resume answered 503 while the old one was parked
 
-    # At the backend: one session, its upstream opened again on each resume; c1..cN once each, in order.
-    (sid,) = chat.said
-    assert [h.get("Gateway-Resumed") for h in chat.handshakes] == [None, "1", "1"]
-    assert {h["Gateway-Session-Id"] for h in chat.handshakes} == {sid}
-    assert contiguous("c", chat.said[sid]) == sent
-    assert chat.bot[sid] >= bot
-    assert page.errors == []
+    # At the backend: one session (one connect event), its later requests marked resumed;
+    # c1..cN once each, in order.
+    (sid,) = said
+    assert chat.connects == 1 and chat.resumed_requests > 0
+    assert contiguous("c", said[sid]) == sent
+    # The browser logs each refused handshake. A resume that came before the old session's
+    # replay buffer was sealed (its queued POSTs answered) is told 503 with Retry-After and
+    # retried (docs/reliable.md); nothing else may show up.
+    others = [e for e in page.errors if "Unexpected response code: 503" not in e]
+    assert others == [], page.errors

@@ -15,7 +15,7 @@ from gateway import frames
 
 from ..helpers import until
 from ..httppeer import http_peer
-from .test_reliable import PROTO, Peer, _async, jwt_env, jwt_for, node_cfg, session_of
+from .test_reliable import PROTO, Peer, _async, gone_from, hold_park, jwt_env, jwt_for, node_cfg, session_of
 
 __all__ = ["http_peer", "jwt_env"]   # fixtures used by name
 
@@ -159,3 +159,31 @@ async def test_a_reliable_http_session_resumes_on_another_node_with_nothing_lost
     assert all(r.headers.get("Gateway-Resumed") == "1" for r in resumed)
     assert len(be.peer.of("connect")) == 1 and not be.peer.of("disconnect")   # one session all along
     again.raw.close()
+
+
+async def test_a_channel_message_published_while_a_dropped_session_is_parked_is_replayed(
+        gateway, http_peer, http, jwt_env, monkeypatch):
+    """An HTTP-backend session ends at once when its client goes (no upstream socket to
+    wait for), before its parked record is written: a channel message published in that
+    gap finds it on this node, not parked, and must still reach its replay buffer."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "rel-http-admin")
+    auth = {"Authorization": "Bearer rel-http-admin"}
+    be = await answering(http_peer)
+    gw = await gateway(http_cfg("node-a", None, be.url))
+    token = jwt_for("dee")
+    peer = await Peer.connect(gw.url, query=f"?access_token={token}")
+    await peer.read_until(lambda: peer.got == [b"welcome"], "the welcome")
+    s = session_of(gw)
+    async with http.put(f"{gw.admin_url}/v1/connections/{s.id}/channels/room", headers=auth) as r:
+        assert r.status == 200, await r.text()
+    release = hold_park(gw)
+    peer.raw.writer.transport.abort()
+    await until(lambda: gone_from(gw, peer.hello["session"]), what="the session ended on the node, parking")
+    async with http.post(f"{gw.admin_url}/v1/channels/room/messages", data="in the gap", headers=auth) as r:
+        answer = await r.json()
+    assert answer["delivered"] == 1, answer
+    release.set()
+    again = await Peer.connect(gw.url, query=f"?access_token={token}&resume={peer.hello['token']}&last=1")
+    again.got = list(peer.got)
+    await again.read_until(lambda: len(again.got) >= 2, "the message from the gap")
+    assert again.got == [b"welcome", b"in the gap"]

@@ -44,6 +44,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("browser/test_chat_demo.py",
      "test_the_chat_page_resumes_on_another_node_through_a_drain_losing_nothing.push",
      "asyncio.sleep(INTERVAL_MS / 1000)"): "paces the backend's pushes to the chat page",
+    ("browser/test_chat_cut.py",
+     "test_the_chat_page_resumes_through_cut_connections_in_reliable_mode_losing_nothing.bot",
+     "asyncio.sleep(INTERVAL_MS / 1000)"): "paces the bot's lines to the chat page",
     # -- a peer's behaviour
     ("integration/test_relay.py", "test_gateway_pings_the_upstream_and_a_silent_upstream_fails_1011.counting",
      "asyncio.sleep(5)"): "the silent upstream: stops reading and answering; cancelled at teardown",
