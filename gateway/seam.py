@@ -52,6 +52,17 @@ class Side(asyncio.Protocol):
         self.client_side = client_side
 
     def eof_received(self):
+        """The peer shut its write side (FIN). Keep ours open only while a close frame is
+        still owed to a client that has said its last: it sent its close frame, or it broke
+        the protocol (relay._client_violation) and its close waits for the upstream's
+        (`fault_close`) or for a frame boundary (`pending_close`). RFC 6455 7.1.7: that
+        frame, and what the backend answered before it, should reach the client before the
+        TCP connection ends. The session is closing, so close_timeout_s bounds the wait;
+        once the close frame is written, _maybe_finish closes the transport. Any other EOF
+        ends the connection at once, as before (returning False closes the transport)."""
+        if self.client_side:
+            client = self.s.client
+            return client.received and not client.sent
         return False
 
     def connection_lost(self, exc) -> None:
