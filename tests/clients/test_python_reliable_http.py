@@ -17,6 +17,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import signal
 
 import pytest
 from aiohttp import web
@@ -25,8 +26,9 @@ from gateway_client import State
 
 from ..helpers import serve
 from ..integration.fleet import holds
+from ..integration.test_lifecycle import Proc
 from .test_python_client import BOUND_S, Numbered, env, flowing, node_cfg, settle  # noqa: F401
-from .test_python_reliable import Proxy, cut_and_park, reliable_numbered
+from .test_python_reliable import Proxy, reliable_numbered
 
 
 class HttpFleet:
@@ -35,16 +37,19 @@ class HttpFleet:
     of the messages POSTed (`got`) and the number of the last reply (`sent`). The
     reply to the n-th message of a session is "s<n>". `requests`: every request's
     headers and body, in arrival order. Every `slow_every`-th message is answered
-    after `delay_s` (a backend with a slow request now and then, so that POSTs are
-    queued and in flight when a connection goes)."""
+    after `delay_s` (a backend with a slow request now and then; on average it keeps
+    up with the clients). While `gate` is clear, messages are recorded on arrival and
+    answered only once it is set (a stalled backend: the gateway's queue grows)."""
 
-    def __init__(self, slow_every: int = 5, delay_s: float = 0.02):
+    def __init__(self, slow_every: int = 20, delay_s: float = 0.01):
         self.slow_every = slow_every
         self.delay_s = delay_s
         self.got: dict[str, list[str]] = collections.defaultdict(list)
         self.sent: dict[str, int] = collections.defaultdict(int)
         self.requests: list[tuple[dict[str, str], str]] = []
         self.quiet = False       # settle() sets it; an HTTP backend only ever answers
+        self.gate = asyncio.Event()
+        self.gate.set()
         self.runner = None
         self.port = 0
 
@@ -78,9 +83,17 @@ class HttpFleet:
         self.got[sid].append(body)
         n = len(self.got[sid])
         self.sent[sid] = n
+        await self.gate.wait()
         if n % self.slow_every == 0:
             await asyncio.sleep(self.delay_s)
         return web.Response(text=f"s{n}")
+
+    async def stalled(self, clients: list[Numbered], n: int = 10) -> None:
+        """Stall the backend until each client has `n` messages more queued at the
+        gateway (taken and acked, not POSTed yet)."""
+        self.gate.clear()
+        await holds(lambda: all(c.sent - len(self.got[c.session(self)]) >= n for c in clients), BOUND_S,
+                    f"{n} messages queued at the gateway for each client")
 
     def of(self, sid: str, event: str) -> list[dict[str, str]]:
         return [h for h, _ in self.requests if h.get("Gateway-Session-Id") == sid and h.get("Gateway-Event") == event]
@@ -143,9 +156,10 @@ async def closed(c: Numbered, fleet: HttpFleet, sid: str) -> None:
 @pytest.mark.parametrize("wait", ["parked", "at_once"])
 async def test_connections_cut_without_a_close_resume_on_an_http_backend_and_lose_nothing(http_pair, wait):
     """The proxy aborts the clients' TCP connections (1006 at the client) three times,
-    while the backend has POSTs queued and in flight. `parked`: the network stays down
-    until both nodes have let the sessions go; `at_once`: the clients come back at once,
-    to the other node, while the old one may still be parking them."""
+    each while the backend is stalled with messages queued at the gateway for it (the
+    old node POSTs them after the cut). `parked`: the network stays down until both
+    nodes have let the sessions go; `at_once`: the clients come back at once, to the
+    other node, while the old one may still be parking them and POSTing."""
     fleet, nodes = http_pair
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
@@ -156,10 +170,13 @@ async def test_connections_cut_without_a_close_resume_on_an_http_backend_and_los
         await flowing(clients)
         for cut in range(3):
             assert len(proxy.conns) == len(clients)
+            await fleet.stalled(clients)
+            proxy.held = wait == "parked"
+            assert proxy.cut() == len(clients)
+            fleet.gate.set()
             if wait == "parked":
-                await cut_and_park(proxy, nodes)
-            else:
-                assert proxy.cut() == len(clients)
+                await holds(lambda: not any(n.node.sessions for n in nodes), BOUND_S, "the sessions parked")
+                proxy.held = False
             await holds(lambda: all(len(c.rec.opens) == cut + 2 and c.client.state is State.OPEN for c in clients),
                         BOUND_S, f"every client resumed after cut {cut + 1}")
             await flowing(clients)
@@ -177,9 +194,10 @@ async def test_connections_cut_without_a_close_resume_on_an_http_backend_and_los
 
 
 async def test_a_half_open_connection_on_an_http_backend_is_taken_over_and_loses_nothing(http_pair, caplog):
-    """The proxy stops forwarding and closes nothing, twice: the gateway still holds the
-    session on the old connection; the client's missing pong ends it on its side, and
-    the resume makes the gateway let the old connection go."""
+    """The proxy stops forwarding and closes nothing, twice, each while messages are
+    queued for the stalled backend: the gateway still holds the session on the old
+    connection; the client's missing pong ends it on its side, and the resume makes
+    the gateway let the old connection go."""
     fleet, nodes = http_pair
     proxy = Proxy(lambda: [n.ports[0] for n in nodes])
     await proxy.start()
@@ -189,7 +207,9 @@ async def test_a_half_open_connection_on_an_http_backend_is_taken_over_and_loses
         await c.start()
         await flowing([c])
         for freeze in range(2):
+            await fleet.stalled([c])
             assert proxy.freeze() == 1
+            fleet.gate.set()
             await holds(lambda: len(c.rec.opens) == freeze + 2 and c.client.state is State.OPEN, BOUND_S,
                         f"resumed after freeze {freeze + 1}")
             await flowing([c])
@@ -206,15 +226,34 @@ async def test_a_half_open_connection_on_an_http_backend_is_taken_over_and_loses
 
 
 # ---------------------------------------------------------------- planned: a rolling restart
-async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothing(gateway, redis_server, http_fleet):
+@pytest.mark.parametrize("nodes", ["in_process", "processes"])
+async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothing(
+        nodes, gateway, redis_server, http_fleet, http, tmp_path):
     """Three nodes on one Redis; each in turn is replaced: the new one starts, the old
-    one drains (stop(): 1012 with a resume token). Five clients come back with last=
-    to the nodes still up, with the old node still POSTing what it took."""
+    one drains (in-process: stop(); processes: `gateway run` and SIGTERM; 1012 with a
+    resume token) while the backend is stalled with messages queued for it. Five
+    clients come back with last= to the nodes still up, while the old node still
+    POSTs what it took."""
     fleet = http_fleet
     made = itertools.count()
+    procs: list[Proc] = []
 
     async def start():
-        return await gateway(http_node(f"n{next(made)}", redis_server.url, fleet.url))
+        cfg = http_node(f"n{next(made)}", redis_server.url, fleet.url)
+        if nodes == "in_process":
+            return await gateway(cfg)
+        p = Proc(tmp_path, cfg, name=cfg["node_id"])
+        procs.append(p)
+        await p.ready(http)
+        return p
+
+    async def drain(node) -> None:
+        if nodes == "in_process":
+            await node.stop()
+            assert not node.node.sessions
+        else:
+            node.p.send_signal(signal.SIGTERM)
+            assert await node.wait(30) == 0
 
     live = [await start(), await start(), await start()]
     pick = itertools.count()
@@ -231,8 +270,13 @@ async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothi
             fresh = await start()            # the replacement is up before the old node goes
             live.remove(old)
             live.append(fresh)
-            await old.stop()
-            assert not old.node.sessions
+            await fleet.stalled(clients)
+            closes = sum(len(c.rec.closes) for c in clients)
+            draining = asyncio.ensure_future(drain(old))
+            await holds(lambda: sum(len(c.rec.closes) for c in clients) > closes or draining.done(), BOUND_S,
+                        "a 1012 from the draining node")
+            fleet.gate.set()                 # the old node POSTs its queue while its clients resume
+            await draining
             await flowing(clients)
         await settle(clients, fleet)
         for c in clients:
@@ -244,3 +288,8 @@ async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothi
     finally:
         for c in clients:
             await c.client.close()
+        for p in procs:
+            p.stop()
+    if procs:
+        drained = [e for p in procs[:3] for e in p.logs() if e["event"] == "drain_done"]
+        assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained), drained
