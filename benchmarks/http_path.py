@@ -80,22 +80,8 @@ class HttpGateway(Gateway):
 
     name = "gateway-http"
 
-    def argv(self, tmp: Path) -> list[str]:
-        config = tmp / "gateway.yaml"
-        config.write_text(f"""\
-listen: {{host: {HOST}, port: {self.port}}}
-admin: {{host: {HOST}, port: {self.admin_port}}}
-workers: 1
-limits: {{max_connections: 60000, max_connections_per_ip: 60000, idle_timeout_s: 3600}}
-backends:
-  bench: {{type: http, endpoints: ["http://{HOST}:{self.upstreams[0]}/msg"]}}
-routes:
-  - name: bench
-    match: {{path_prefix: /}}
-    auth: none
-    backend: bench
-""")
-        return [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    def backend_yaml(self) -> str:
+        return f'{{type: http, endpoints: ["http://{HOST}:{self.upstreams[0]}/msg"]}}'
 
 
 def gateway_module(tree: Path) -> str:

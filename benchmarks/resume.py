@@ -110,25 +110,10 @@ class Node(Gateway):
         self.redis_url = redis_url
         self.rate_per_s = rate_per_s
 
-    def argv(self, tmp: Path) -> list[str]:
-        config = tmp / "gateway.yaml"
-        config.write_text(f"""\
-node_id: {self.node_id}
-listen: {{host: {HOST}, port: {self.port}}}
-admin: {{host: {HOST}, port: {self.admin_port}}}
-workers: 1
-limits: {{max_connections: 60000, max_connections_per_ip: 60000, idle_timeout_s: 3600}}
-redis: {{url: "{self.redis_url}"}}
-drain: {{timeout_s: 120, rate_per_s: {self.rate_per_s}, resume_window_s: 300}}
-backends:
-  bench: {{type: websocket, endpoints: ["ws://{HOST}:{self.upstreams[0]}/"]}}
-routes:
-  - name: bench
-    match: {{path_prefix: /}}
-    auth: none
-    backend: bench
-""")
-        return [sys.executable, "-m", "gateway", "run", "--config", str(config)]
+    def extra_yaml(self) -> str:
+        return (f"node_id: {self.node_id}\n"
+                f"redis: {{url: \"{self.redis_url}\"}}\n"
+                f"drain: {{timeout_s: 120, rate_per_s: {self.rate_per_s}, resume_window_s: 300}}\n")
 
 
 class Sampler:

@@ -304,16 +304,24 @@ class Gateway(Target):
             return f"gateway not available ({self.cwd}/gateway/__main__.py does not exist)"
         return None
 
-    def argv(self, tmp: Path) -> list[str]:
+    def backend_yaml(self) -> str:
+        """The `bench` backend's mapping: the websocket echo backends."""
         endpoints = ", ".join(f'"ws://{HOST}:{p}/"' for p in self.upstreams)
+        return f"{{type: websocket, endpoints: [{endpoints}]}}"
+
+    def extra_yaml(self) -> str:
+        """More top-level keys, one per line (a cluster node's id, Redis and drain)."""
+        return ""
+
+    def argv(self, tmp: Path) -> list[str]:
         config = tmp / "gateway.yaml"
         config.write_text(f"""\
-listen: {{host: {HOST}, port: {self.port}}}
+{self.extra_yaml()}listen: {{host: {HOST}, port: {self.port}}}
 admin: {{host: {HOST}, port: {self.admin_port}}}
 workers: {self.workers}
 limits: {{max_connections: 60000, max_connections_per_ip: 60000, idle_timeout_s: 3600{self.extra_limits}}}
 backends:
-  bench: {{type: websocket, endpoints: [{endpoints}]}}
+  bench: {self.backend_yaml()}
 routes:
   - name: bench
     match: {{path_prefix: /}}

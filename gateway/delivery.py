@@ -431,11 +431,11 @@ class Delivery:
         if rule is not None and rule.history is not None:
             offset, epoch = await self.store.history_append(name, opcode, payload, rule.history.size,
                                                             rule.history.ttl_s)
-        members = await self.store.channel_members(name)
-        nodes = {m.get("node") for m in members.values()}
+        index = await self._channel_index(name)
+        nodes = set(index.values())
         nodes.discard(self.node_id)
         nodes.discard(DETACHED_NODE)
-        parked = _parked({sid: m.get("node") for sid, m in members.items()})
+        parked = _parked(index)
         n = self._fan_out(name, opcode, payload, offset, parked)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
         if parked:
@@ -448,14 +448,15 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-
-        async def where() -> dict:
-            return {sid: m.get("node") for sid, m in (await self.store.channel_members(name)).items()}
-        await self._to_parked({sid: m.get("node") for sid, m in members.items()}, out, opcode, payload, where)
+        await self._to_parked(index, out, opcode, payload, lambda: self._channel_index(name))
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch
         return out
+
+    async def _channel_index(self, name: str) -> dict[str, str]:
+        """Session id -> the node of each member of channel `name`, as the store has it."""
+        return {sid: m.get("node") for sid, m in (await self.store.channel_members(name)).items()}
 
     async def _to_parked(self, index: dict, out: dict, opcode: int, payload: bytes, where) -> None:
         """What goes to the sessions `index` names as detached (node ""): their replay

@@ -162,6 +162,16 @@ class Utf8Check:
             return False
 
 
+def message(frame_bytes: bytes) -> tuple[int, bytes] | None:
+    """The opcode and payload of one whole unmasked frame the gateway built (send_raw's
+    frames, taken apart again where a message is kept rather than sent)."""
+    h = parse_header(frame_bytes, 0)
+    if h is None:
+        return None
+    b0, length, hlen, _ = h
+    return b0 & 0x0F, frame_bytes[hlen:hlen + length]
+
+
 def mask_in_place(mask: bytes, buf: bytearray) -> None:
     """XOR `buf` with `mask` in place (aiohttp's C helper when it is there)."""
     if _c_mask is not None:

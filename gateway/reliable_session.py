@@ -252,14 +252,9 @@ class ReliableSession(Session):
     # ------------------------------------------ frames the gateway sends itself
     def send_message(self, opcode: int, payload: bytes) -> bool:
         """A push or channel message: numbered like the upstream's; refused while the window is full."""
-        if self.capture is not None:
-            return self.capture.add(opcode, bytes(payload))   # draining: it goes to the replay buffer
-        if self.early is not None:
-            return self.early.add(opcode, bytes(payload))     # resuming: it goes after the replay
-        if self.rel.window.full:
+        if self.rel.window.full and self.capture is None and self.early is None:
             return False
-        self.u_bytes += len(payload)
-        return self._to_client(opcode, bytes(payload))
+        return self.send_reply(opcode, payload)
 
     def send_reply(self, opcode: int, payload: bytes) -> bool:
         """An HTTP backend's reply to a message the client sent: numbered and kept even
@@ -267,9 +262,9 @@ class ReliableSession(Session):
         next message only once the window has room (window_room), so one reply per
         backend at most goes past it."""
         if self.capture is not None:
-            return self.capture.add(opcode, bytes(payload))
+            return self.capture.add(opcode, bytes(payload))   # draining: it goes to the replay buffer
         if self.early is not None:
-            return self.early.add(opcode, bytes(payload))
+            return self.early.add(opcode, bytes(payload))     # resuming: it goes after the replay
         self.u_bytes += len(payload)
         return self._to_client(opcode, bytes(payload))
 
@@ -295,11 +290,8 @@ class ReliableSession(Session):
             room.set_result(None)
 
     def send_raw(self, frame_bytes: bytes) -> bool:
-        h = parse_header(frame_bytes, 0)
-        if h is None:
-            return False
-        b0, length, hlen, _ = h
-        return self.send_message(b0 & 0x0F, frame_bytes[hlen:hlen + length])
+        m = frames.message(frame_bytes)
+        return m is not None and self.send_message(*m)
 
     # ------------------------------------------------------------ teardown
     def client_lost(self) -> None:

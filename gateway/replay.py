@@ -86,11 +86,8 @@ class Capture:
 
     def add_frame(self, frame: bytes) -> bool:
         """An unmasked frame the gateway built for the client (send_raw)."""
-        h = parse_header(frame, 0)
-        if h is None:
-            return False
-        b0, length, hlen, _ = h
-        return self.add(b0 & 0x0F, frame[hlen:hlen + length])
+        m = frames.message(frame)
+        return m is not None and self.add(*m)
 
     def _overflow(self, why: str) -> None:
         if not self.full:
@@ -287,7 +284,7 @@ class Draining:
     def _capture_upstream(self) -> None:
         """The drain's close frame just went to the client, at a frame boundary:
         from here on the upstream's frames go to the capture."""
-        if self.state is not State.DRAINING or self.capture.first is not None:
+        if self.state is not State.DRAINING:
             return
         capture = self.capture
         rel = self.rel

@@ -215,11 +215,8 @@ class Early:
         return True
 
     def add_frame(self, frame: bytes) -> bool:
-        h = frames.parse_header(frame, 0)
-        if h is None:
-            return False
-        b0, length, hlen, _ = h
-        return self.add(b0 & 0x0F, frame[hlen:hlen + length])
+        m = frames.message(frame)
+        return m is not None and self.add(*m)
 
 
 async def complete(node, s, rec: dict, pending: bytes, leftover: bytes) -> None:

@@ -443,64 +443,83 @@ async def test_a_rolling_restart_of_three_nodes_loses_nothing(nodes, gateway, re
     await rolling_restart(nodes, gateway, redis_server, http, tmp_path)
 
 
-async def rolling_restart(nodes: str, gateway, redis_server, http, tmp_path, **options) -> list[Numbered]:
-    """Three nodes on one Redis; each in turn is replaced: the new one starts, the old
-    one drains (in-process: stop(); processes: `gateway run` and SIGTERM). `options`:
-    the clients' (reliable=: the route has reliable: too). Returns the clients, settled."""
-    fleet = Fleet()
-    ep = await fleet.endpoint()
-    made = itertools.count()
-    procs: list[Proc] = []
+class Rollout:
+    """Gateway nodes made from `make_cfg(node_id)`, in this process or as `gateway run`
+    processes (`nodes`), for a rolling restart: `start()` adds one, `drain(node)` lets one
+    go as an operator would (in-process: stop(); processes: SIGTERM), `url()` picks the
+    live nodes in turn."""
 
-    async def start():
-        cfg = node_cfg(f"n{next(made)}", redis_server.url, ep.url, reliable="reliable" in options)
-        if nodes == "in_process":
-            return await gateway(cfg)
-        p = Proc(tmp_path, cfg, name=cfg["node_id"])
-        procs.append(p)
-        await p.ready(http)
+    def __init__(self, nodes: str, make_cfg, gateway, http, tmp_path):
+        self.nodes, self.make_cfg, self.gateway, self.http, self.tmp_path = nodes, make_cfg, gateway, http, tmp_path
+        self.made = itertools.count()
+        self.pick = itertools.count()
+        self.procs: list[Proc] = []
+        self.live: list = []
+
+    async def start(self):
+        cfg = self.make_cfg(f"n{next(self.made)}")
+        if self.nodes == "in_process":
+            return await self.gateway(cfg)
+        p = Proc(self.tmp_path, cfg, name=cfg["node_id"])
+        self.procs.append(p)
+        await p.ready(self.http)
         return p
 
-    async def drain(node) -> None:
-        if nodes == "in_process":
+    async def drain(self, node) -> None:
+        if self.nodes == "in_process":
             await node.stop()
             assert not node.node.sessions
         else:
             node.p.send_signal(signal.SIGTERM)
             assert await node.wait(30) == 0
 
-    live = [await start(), await start(), await start()]
-    pick = itertools.count()
+    def url(self) -> str:
+        return self.live[next(self.pick) % len(self.live)].url + "/ws"
 
-    def url() -> str:
-        return live[next(pick) % len(live)].url + "/ws"
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
 
-    clients = [Numbered(f"u{i}", url, **options) for i in range(5)]
+    def check_drains(self) -> None:
+        """The first three processes drained with every buffer sealed (nothing to check in-process)."""
+        if self.procs:
+            drained = [e for p in self.procs[:3] for e in p.logs() if e["event"] == "drain_done"]
+            assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained), drained
+
+
+async def rolling_restart(nodes: str, gateway, redis_server, http, tmp_path, **options) -> list[Numbered]:
+    """Three nodes on one Redis; each in turn is replaced: the new one starts, the old
+    one drains (in-process: stop(); processes: `gateway run` and SIGTERM). `options`:
+    the clients' (reliable=: the route has reliable: too). Returns the clients, settled."""
+    fleet = Fleet()
+    ep = await fleet.endpoint()
+    roll = Rollout(nodes, lambda node_id: node_cfg(node_id, redis_server.url, ep.url, reliable="reliable" in options),
+                   gateway, http, tmp_path)
+    live = roll.live
+    live += [await roll.start(), await roll.start(), await roll.start()]
+    clients = [Numbered(f"u{i}", roll.url, **options) for i in range(5)]
     try:
         for c in clients:
             await c.start()
         await flowing(clients)
         for old in list(live):
-            fresh = await start()            # the replacement is up before the old node goes
+            fresh = await roll.start()       # the replacement is up before the old node goes
             live.remove(old)
             live.append(fresh)
-            await drain(old)
+            await roll.drain(old)
             await flowing(clients)
         await settle(clients, fleet)
     finally:
         for c in clients:
             await c.client.close()
         await ep.stop()
-        for p in procs:
-            p.stop()
+        roll.stop()
     for c in clients:
         assert c.rec.opens[0] is False and c.rec.opens[1:] and all(c.rec.opens[1:]), c.rec.opens
         assert all(code == 1012 and retry for code, _, retry in c.rec.closes[:-1]), c.rec.closes
     resumes = sum(len(c.rec.opens) - 1 for c in clients)
     assert sum(1 for h in fleet.handshakes if h.get("Gateway-Resumed") == "1") == resumes
-    if procs:
-        drained = [e for p in procs[:3] for e in p.logs() if e["event"] == "drain_done"]
-        assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained)
+    roll.check_drains()
     return clients
 
 

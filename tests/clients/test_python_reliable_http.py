@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
-import signal
 
 import pytest
 from aiohttp import web
@@ -26,8 +24,7 @@ from gateway_client import State
 
 from ..helpers import serve
 from ..integration.fleet import holds
-from ..integration.test_lifecycle import Proc
-from .test_python_client import BOUND_S, Numbered, env, flowing, node_cfg, settle  # noqa: F401
+from .test_python_client import BOUND_S, Numbered, Rollout, env, flowing, node_cfg, settle  # noqa: F401
 from .test_python_reliable import Proxy, reliable_numbered
 
 
@@ -235,44 +232,21 @@ async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothi
     clients come back with last= to the nodes still up, while the old node still
     POSTs what it took."""
     fleet = http_fleet
-    made = itertools.count()
-    procs: list[Proc] = []
-
-    async def start():
-        cfg = http_node(f"n{next(made)}", redis_server.url, fleet.url)
-        if nodes == "in_process":
-            return await gateway(cfg)
-        p = Proc(tmp_path, cfg, name=cfg["node_id"])
-        procs.append(p)
-        await p.ready(http)
-        return p
-
-    async def drain(node) -> None:
-        if nodes == "in_process":
-            await node.stop()
-            assert not node.node.sessions
-        else:
-            node.p.send_signal(signal.SIGTERM)
-            assert await node.wait(30) == 0
-
-    live = [await start(), await start(), await start()]
-    pick = itertools.count()
-
-    def url() -> str:
-        return live[next(pick) % len(live)].url + "/ws"
-
-    clients = [reliable_numbered(f"hroll{i}", url) for i in range(5)]
+    roll = Rollout(nodes, lambda node_id: http_node(node_id, redis_server.url, fleet.url), gateway, http, tmp_path)
+    live = roll.live
+    live += [await roll.start(), await roll.start(), await roll.start()]
+    clients = [reliable_numbered(f"hroll{i}", roll.url) for i in range(5)]
     try:
         for c in clients:
             await c.start()
         await flowing(clients)
         for old in list(live):
-            fresh = await start()            # the replacement is up before the old node goes
+            fresh = await roll.start()       # the replacement is up before the old node goes
             live.remove(old)
             live.append(fresh)
             await fleet.stalled(clients)
             closes = sum(len(c.rec.closes) for c in clients)
-            draining = asyncio.ensure_future(drain(old))
+            draining = asyncio.ensure_future(roll.drain(old))
             await holds(lambda: sum(len(c.rec.closes) for c in clients) > closes or draining.done(), BOUND_S,
                         "a 1012 from the draining node")
             fleet.gate.set()                 # the old node POSTs its queue while its clients resume
@@ -288,8 +262,5 @@ async def test_a_rolling_restart_in_reliable_mode_on_an_http_backend_loses_nothi
     finally:
         for c in clients:
             await c.client.close()
-        for p in procs:
-            p.stop()
-    if procs:
-        drained = [e for p in procs[:3] for e in p.logs() if e["event"] == "drain_done"]
-        assert len(drained) == 3 and all(e["buffers_unsealed"] == 0 for e in drained), drained
+        roll.stop()
+    roll.check_drains()
