@@ -187,3 +187,21 @@ async def test_a_channel_message_published_while_a_dropped_session_is_parked_is_
     again.got = list(peer.got)
     await again.read_until(lambda: len(again.got) >= 2, "the message from the gap")
     assert again.got == [b"welcome", b"in the gap"]
+
+
+@pytest.mark.parametrize("frame, why", [(b"xhello", "reliable: unknown kind byte"), (b"a999", "reliable: bad ack"),
+                                        (b"", "reliable: unknown kind byte")])
+async def test_a_frame_outside_the_format_on_an_http_route_closes_1002_and_is_not_posted(
+        gateway, http_peer, jwt_env, frame, why):
+    """The kind byte is checked before anything reaches the HTTP backend: a message that
+    is neither `d` nor a valid ack closes the session 1002, saying why, and is never POSTed."""
+    be = await answering(http_peer)
+    gw = await gateway(http_cfg("node-a", None, be.url))
+    peer = await Peer.connect(gw.url, query=f"?access_token={jwt_for('eve')}")
+    sid = peer.hello["session"]
+    peer.send("m1")
+    await peer.read_until(lambda: len(peer.got) >= 2, "the welcome and m1's reply")
+    peer.raw.send_frame(frames.OP_TEXT, frame)
+    await peer.read_until(lambda: peer.close is not None, "the close")
+    assert peer.close == (1002, why)
+    assert be.got(sid) == ["m1"]
