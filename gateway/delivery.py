@@ -173,9 +173,15 @@ class Delivery:
         """What another node asked this one to do, on this node's own sessions."""
         node = self.node
         if op == "sub":
-            return {"n": self._send_sub(h["sub"], frames.frame(h["opcode"], payload), _skip(h))}
+            skip = _skip(h)
+            n = self._send_sub(h["sub"], frames.frame(h["opcode"], payload), skip)
+            await self._captured(node.by_sub.get(h["sub"]), skip)
+            return {"n": n}
         if op == "chan":
-            return {"n": self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"), _skip(h))}
+            skip = _skip(h)
+            n = self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"), skip)
+            await self._captured(node.channels.members.get(h["chan"]), skip)
+            return {"n": n}
         if op == "ep_drain":
             return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
         if op == "trace":   # before the session lookup: a finished trace outlives its session
@@ -190,6 +196,7 @@ class Delivery:
             raise ApiError(404, "unknown connection", connection=h["id"])
         if op == "conn":
             pushed = _pushed(s, s.send_message(h["opcode"], payload))
+            await self._captured((s,))
             return {"n": pushed["delivered"], **({"buffer_full": 1} if "buffer_full" in pushed else {})}
         if op == "close":
             s.gateway_close(h["code"], h["reason"])
@@ -211,6 +218,17 @@ class Delivery:
         if s is None:
             s = self.by_session.get(any_id) or self.resuming.get(any_id)
         return s
+
+    async def _captured(self, sessions, skip=None) -> None:
+        """Until what went to the captures of any of `sessions` (this node's, draining or
+        dropped; not those in `skip`, sent to another way) is in the store. A publisher is answered after that: its next message,
+        which finds the session parked and goes to the replay buffer straight away, cannot
+        overtake this one, still on its way there from the capture."""
+        drainer = self.node.drainer
+        if drainer is None or not drainer.captures or not sessions:
+            return
+        for capture in [c for c in drainer.captures if c.s in sessions and not (skip and c.sid in skip)]:
+            await capture.flushed()
 
     def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None, skip=None) -> int:
         held = self._held.get(name)
@@ -416,6 +434,7 @@ class Delivery:
         nodes.discard(DETACHED_NODE)
         parked = _parked(index)
         n = self._send_sub(sub, frames.frame(opcode, payload), parked)
+        await self._captured(self.node.by_sub.get(sub), parked)
         header = {"op": "sub", "sub": sub, "opcode": opcode}
         if parked:
             header["skip"] = sorted(parked)
@@ -437,6 +456,8 @@ class Delivery:
         nodes.discard(DETACHED_NODE)
         parked = _parked(index)
         n = self._fan_out(name, opcode, payload, offset, parked)
+        if confirm:
+            await self._captured(self.node.channels.members.get(name), parked)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
         if parked:
             header["skip"] = sorted(parked)

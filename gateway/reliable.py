@@ -16,7 +16,7 @@ from collections import deque
 from .errors import Refusal
 
 __all__ = ["ACK", "DATA", "HELLO", "SUBPROTOCOL", "Inbound", "Peer", "Window", "ack", "check_last",
-           "hello", "masked_head", "META", "meta", "parse_ack", "parse_last", "split_replay"]
+           "hello", "masked_head", "META", "WINDOWED", "meta", "parse_ack", "parse_last", "split_replay"]
 
 SUBPROTOCOL = "gateway.reliable.v1"
 
@@ -95,12 +95,21 @@ def meta(first: int, up: int) -> bytes:
     return json.dumps({"first": first, "up": up}, separators=(",", ":")).encode()
 
 
+# A replay buffer entry's opcode has this bit when the message is one of the window's
+# (sent to the client, not acked): the client may have it, and knows it by its number.
+# The window goes to the buffer first, but a publisher that finds the session parked
+# appends to the buffer straight away, and can come before the capture's write; the
+# resume numbers the window's messages first all the same.
+WINDOWED = 0x100
+
+
 def split_replay(entries) -> tuple[int, int, list] | None:
     """A reliable session's replay buffer ((id, opcode, payload) entries) as
     (number of its first message, up, the message entries in order); None when
     its counts are missing (the buffer is not whole). The counts are written at
     the seal; what the management API appends to a parked session comes after
-    them, and is numbered on after the rest."""
+    them, and is numbered on after the rest. The window's messages (WINDOWED) come
+    first, in their order, their opcodes without the bit; then the others in theirs."""
     at = next((i for i in range(len(entries) - 1, -1, -1) if entries[i][1] == META), None)
     if at is None:
         return None
@@ -109,7 +118,13 @@ def split_replay(entries) -> tuple[int, int, list] | None:
         first, up = int(m["first"]), int(m["up"])
     except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: int(1e999)
         return None
-    return first, up, list(entries[:at]) + list(entries[at + 1:])
+    window, rest = [], []
+    for i, (eid, opcode, payload) in enumerate(entries):
+        if opcode & WINDOWED:
+            window.append((eid, opcode & ~WINDOWED, payload))
+        elif i != at:
+            rest.append((eid, opcode, payload))
+    return first, up, window + rest
 
 
 class Window:

@@ -289,11 +289,12 @@ class Draining:
         capture = self.capture
         rel = self.rel
         if rel is not None:
-            # What the client has not acked goes first, numbered on from the window's start.
+            # What the client has not acked goes first, numbered on from the window's start
+            # (marked: a publisher's append may reach the store before this write).
             window = rel.window
             capture.first = window.first
             for opcode, payload in window.items:
-                capture.add(opcode, payload)
+                capture.add(opcode | reliable.WINDOWED, payload)
         if self.sink is not None:
             # An HTTP backend: its replies come through send_reply to the capture. A worker
             # held back by the full window goes on.

@@ -288,7 +288,9 @@ def test_split_replay_never_raises(tally):
         if got is not None:
             first, up, rest = got
             assert len(rest) == len(entries) - 1 and all(isinstance(x, int) for x in (first, up))
-    fuzz(tally, (st.lists(st.tuples(st.text(max_size=3), st.sampled_from([0, 1, 2]), payload), max_size=5),),
+            assert not any(opcode & reliable.WINDOWED for _, opcode, _ in rest)   # window marks taken off
+    opcodes = st.sampled_from([0, 1, 2, 1 | reliable.WINDOWED, 2 | reliable.WINDOWED])
+    fuzz(tally, (st.lists(st.tuples(st.text(max_size=3), opcodes, payload), max_size=5),),
          "random replay buffers with random META payloads (incl. 1e999)", "None or (first, up, messages)", check)
 
 

@@ -161,32 +161,141 @@ async def test_a_reliable_http_session_resumes_on_another_node_with_nothing_lost
     again.raw.close()
 
 
+class Room:
+    """One reliable session on an HTTP route, in channel "room", and the management API
+    to publish to it: `publish(text)` answers what the API answered; `resume(last)`
+    comes back with the hello's token, what the first connection got already counted."""
+
+    AUTH = {"Authorization": "Bearer rel-http-admin"}
+
+    def __init__(self, gw, http, peer: Peer, token: str):
+        self.gw, self.http, self.peer, self.token = gw, http, peer, token
+        self.sid = peer.hello["session"]
+        self.detached = gw.node.cluster.store.detached
+
+    @classmethod
+    async def join(cls, gateway, http_peer, http, monkeypatch, user: str, *said: str) -> "Room":
+        monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "rel-http-admin")
+        be = await answering(http_peer)
+        gw = await gateway(http_cfg("node-a", None, be.url))
+        token = jwt_for(user)
+        peer = await Peer.connect(gw.url, query=f"?access_token={token}")
+        for text in said:
+            peer.send(text)
+        want = [b"welcome"] + [b"r:" + t.encode() for t in said]
+        await peer.read_until(lambda: peer.got == want, "the welcome and the replies, not acked")
+        s = session_of(gw)
+        async with http.put(f"{gw.admin_url}/v1/connections/{s.id}/channels/room", headers=cls.AUTH) as r:
+            assert r.status == 200, await r.text()
+        return cls(gw, http, peer, token)
+
+    async def publish(self, text: str) -> dict:
+        async with self.http.post(f"{self.gw.admin_url}/v1/channels/room/messages", data=text,
+                                  headers=self.AUTH) as r:
+            return await r.json()
+
+    async def drop(self) -> None:
+        """The client's transport goes, without a close."""
+        self.peer.raw.writer.transport.abort()
+        await until(lambda: gone_from(self.gw, self.sid), what="the session ended on the node, parking")
+
+    def captured(self, text: str):
+        (capture,) = self.gw.node.drainer.captures
+        return lambda: _async(any(p == text.encode() for _, p in capture.pending))
+
+    async def resume(self, last: int, n: int) -> list[bytes]:
+        again = await Peer.connect(self.gw.url, query=f"?access_token={self.token}&resume={self.peer.hello['token']}"
+                                                      f"&last={last}")
+        again.got = list(self.peer.got)
+        await again.read_until(lambda: len(again.got) >= n, f"{n} messages in all")
+        return again.got
+
+
 async def test_a_channel_message_published_while_a_dropped_session_is_parked_is_replayed(
         gateway, http_peer, http, jwt_env, monkeypatch):
     """An HTTP-backend session ends at once when its client goes (no upstream socket to
     wait for), before its parked record is written: a channel message published in that
     gap finds it on this node, not parked, and must still reach its replay buffer."""
-    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "rel-http-admin")
-    auth = {"Authorization": "Bearer rel-http-admin"}
-    be = await answering(http_peer)
-    gw = await gateway(http_cfg("node-a", None, be.url))
-    token = jwt_for("dee")
-    peer = await Peer.connect(gw.url, query=f"?access_token={token}")
-    await peer.read_until(lambda: peer.got == [b"welcome"], "the welcome")
-    s = session_of(gw)
-    async with http.put(f"{gw.admin_url}/v1/connections/{s.id}/channels/room", headers=auth) as r:
-        assert r.status == 200, await r.text()
-    release = hold_park(gw)
-    peer.raw.writer.transport.abort()
-    await until(lambda: gone_from(gw, peer.hello["session"]), what="the session ended on the node, parking")
-    async with http.post(f"{gw.admin_url}/v1/channels/room/messages", data="in the gap", headers=auth) as r:
-        answer = await r.json()
-    assert answer["delivered"] == 1, answer
+    room = await Room.join(gateway, http_peer, http, monkeypatch, "dee")
+    release = hold_park(room.gw)
+    await room.drop()
+    answer = asyncio.ensure_future(room.publish("in the gap"))   # answered once it is in the store: after the park
+    await until(room.captured("in the gap"), what="the message captured")
     release.set()
-    again = await Peer.connect(gw.url, query=f"?access_token={token}&resume={peer.hello['token']}&last=1")
-    again.got = list(peer.got)
-    await again.read_until(lambda: len(again.got) >= 2, "the message from the gap")
-    assert again.got == [b"welcome", b"in the gap"]
+    assert (await asyncio.wait_for(answer, 10))["delivered"] == 1, answer.result()
+    assert await room.resume(1, 2) == [b"welcome", b"in the gap"]
+
+
+async def test_a_message_published_after_the_park_before_the_window_is_written_is_not_taken_for_a_received_one(
+        gateway, http_peer, http, jwt_env, monkeypatch):
+    """The parked record is written, so a publisher finds the session detached and
+    appends to its replay buffer, before the dropped session's capture has written
+    its window (what the client was sent and has not acked). The window is numbered
+    from its start all the same: the client, which had it, is sent the new message
+    only, not the window's last message again in its place."""
+    room = await Room.join(gateway, http_peer, http, monkeypatch, "fay", "m1")
+    release = hold_after_park(room.gw)
+    room.peer.raw.writer.transport.abort()
+    await until(lambda: room.detached.get(room.sid), what="the parked record written")
+    answer = await room.publish("after the park")
+    assert answer == {"delivered": 1, "buffered": 1}, answer
+    release.set()
+    assert await room.resume(2, 3) == [b"welcome", b"r:m1", b"after the park"]
+
+
+async def test_a_publishers_next_message_does_not_overtake_one_still_on_its_way_from_the_capture(
+        gateway, http_peer, http, jwt_env, monkeypatch):
+    """m1 reaches the dropped session on this node before its parked record is written,
+    so it goes to the capture, whose writes wait for the park. The publisher's next
+    message m2, sent once the record is written, finds the session parked and goes to
+    the replay buffer straight away. m1's answer waits until m1 is in the store, so m2
+    cannot come before it in the replay."""
+    room = await Room.join(gateway, http_peer, http, monkeypatch, "gus")
+    detached = room.detached
+    release_park = hold_park(room.gw)
+    release_capture, appended = asyncio.Event(), []
+    append = detached.append
+
+    async def append_held(sid, entries, *caps, **kw):
+        if "seal" in kw:                 # the capture's writes (a publisher's append has no seal)
+            await release_capture.wait()
+        else:
+            appended.append(entries)
+        return await append(sid, entries, *caps, **kw)
+    detached.append = append_held
+    await room.drop()
+    answers: list[dict] = []
+
+    async def publisher() -> None:
+        answers.append(await room.publish("m1"))
+        await until(lambda: detached.get(room.sid), what="the parked record written")
+        answers.append(await room.publish("m2"))
+
+    task = asyncio.ensure_future(publisher())
+    await until(room.captured("m1"), what="m1 in the capture, held")
+    release_park.set()
+    # Either m2 went to the store (m1's publish was answered before m1 was written),
+    # or m1's publish is still waiting for the capture's write: let the capture write.
+    await until(lambda: _async(bool(appended) or not answers), what="m2 appended, or m1 still unanswered")
+    await until(lambda: detached.get(room.sid), what="the parked record written")
+    release_capture.set()
+    await asyncio.wait_for(task, 10)
+    assert answers == [{"delivered": 1}, {"delivered": 1, "buffered": 1}], answers
+    assert await room.resume(1, 3) == [b"welcome", b"m1", b"m2"]
+
+
+def hold_after_park(gw) -> asyncio.Event:
+    """`gw` writes its parked records, then waits for the returned event before going
+    on: what it would write to the replay buffer next waits too."""
+    store = gw.node.cluster.store.detached
+    release = asyncio.Event()
+    park = store.park
+
+    async def held(items):
+        await park(items)
+        await release.wait()
+    store.park = held
+    return release
 
 
 @pytest.mark.parametrize("frame, why", [(b"xhello", "reliable: unknown kind byte"), (b"a999", "reliable: bad ack"),

@@ -159,6 +159,14 @@ def test_a_replay_buffer_ends_with_the_counts_a_resume_needs():
         assert reliable.split_replay(broken) is None
 
 
+def test_the_windows_messages_are_numbered_first_wherever_a_publisher_got_in_before_them():
+    w = reliable.WINDOWED
+    entries = [("1", 1, b"published"), ("2", 1 | w, b"w5"), ("3", 2 | w, b"w6"), ("4", 1, b"from the backend"),
+               ("5", reliable.META, reliable.meta(5, 3)), ("6", 1, b"pushed after the seal")]
+    assert reliable.split_replay(entries) == (5, 3, [("2", 1, b"w5"), ("3", 2, b"w6"), ("1", 1, b"published"),
+                                                     ("4", 1, b"from the backend"), ("6", 1, b"pushed after the seal")])
+
+
 @pytest.mark.parametrize("n", [0, 125, 126, 65535, 65536])
 def test_masked_head_is_the_head_frames_builds(n):
     from gateway import frames
