@@ -196,7 +196,7 @@ class Gateway:
         # listener (its caller tries another node) rather than a 503 from a node
         # whose store is closing, which could follow a publish that did go out.
         if self.runner is not None:
-            await self.runner.cleanup()
+            await close_admin(self.runner)
         if self.cluster is not None:
             await self.cluster.stop()   # the closes' records, then this node, leave the store
         event(log, "stopped", node=node.node_id)
@@ -216,6 +216,30 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+
+
+ADMIN_CLOSE_GRACE_S = 1.0   # at most this long for a request on its way on a connection already taken
+
+
+async def close_admin(runner: web.AppRunner) -> None:
+    """Close the admin listener, then the admin API. Between the two, a connection the
+    listener had taken already but whose request has not come in yet (or not yet
+    started) is given up to ADMIN_CLOSE_GRACE_S, so that its request is answered rather
+    than cut on its way: its caller could not tell whether a publish cut like that went
+    out. Requests under way are waited for (aiohttp's shutdown); an idle keep-alive
+    connection is not waited for. (aiohttp's own counters; a version without them is
+    closed at once, as before.)"""
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ADMIN_CLOSE_GRACE_S
+
+    def on_its_way(h) -> bool:
+        return not getattr(h, "_request_count", 1) or bool(getattr(h, "_messages", None))
+    while server is not None and loop.time() < deadline and any(on_its_way(h) for h in server.connections):
+        await asyncio.sleep(0.01)
+    await runner.cleanup()
 
 
 def run(cfg: config_mod.Config, *, reuse_port: bool = False, worker: int | None = None) -> None:

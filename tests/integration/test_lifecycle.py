@@ -93,6 +93,37 @@ async def test_healthz_and_readyz(gateway, backend, http):
     gw.node.draining = False
 
 
+async def test_a_stopping_node_answers_an_admin_request_on_a_connection_it_had_taken(gateway, backend):
+    """A caller that connected just before the node stopped, and sends its request once
+    the listener has closed, is answered, not cut: cut, a publish could not tell
+    whether it went out. A new connection is refused (the caller tries another node)."""
+    b = await backend()
+    gw = await gateway(proxy_config(b.url))
+    port = gw.ports[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await until(lambda: _async(len(gw.runner.server.connections) == 1), what="the admin API took the connection")
+    gw.stopping.set()
+    stopping = asyncio.ensure_future(gw.stop())
+
+    async def refused() -> bool:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return True
+        w.close()
+        return False
+    await until(refused, what="the admin listener closed")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    writer.close()
+    await asyncio.wait_for(stopping, 20)
+
+
+async def _async(value):
+    return value
+
+
 def metric(text: str, sample: str) -> float:
     for line in text.splitlines():
         if line.startswith(sample + " "):
