@@ -115,15 +115,16 @@ class Admin:
         if body is not None:
             headers, data = {**headers, "Content-Type": "application/json"}, json.dumps(body)
         tried = []
+        start = self.current   # once: a concurrent call may move it meanwhile, and each node is tried once
         for i in range(len(self.urls)):
-            url = self.urls[(self.current + i) % len(self.urls)]
+            url = self.urls[(start + i) % len(self.urls)]
             try:
                 async with self.http.request(method, url + path, headers=headers, data=data) as r:
                     text = await r.text()
                     if r.status == 503 and method != "POST" and i + 1 < len(self.urls):
                         tried.append(f"{url}: 503 {text[:100]}")
                         continue
-                    self.current = (self.current + i) % len(self.urls)
+                    self.current = (start + i) % len(self.urls)
                     try:
                         return r.status, json.loads(text)
                     except ValueError:
