@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
-import hmac
 import itertools
 import logging
 
@@ -95,7 +94,7 @@ class Delivery:
         self._outbox: collections.deque = collections.deque()
         self._outbox_wake = asyncio.Event()
         self.outbox_dropped = 0
-        self.parked = Parked(self.store, cluster.node)   # drained sessions' replay buffers
+        self.parked = Parked(self)   # sessions parked, being parked, or to be cut for a take-over
         self.traces = Traces()                           # debug traces of this node's sessions
 
     # ------------------------------------------------------------ the bus
@@ -175,12 +174,12 @@ class Delivery:
         if op == "sub":
             skip = _skip(h)
             n = self._send_sub(h["sub"], frames.frame(h["opcode"], payload), skip)
-            await self._captured(node.by_sub.get(h["sub"]), skip)
+            await self.parked.captured(node.by_sub.get(h["sub"]), skip)
             return {"n": n}
         if op == "chan":
             skip = _skip(h)
             n = self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"), skip)
-            await self._captured(node.channels.members.get(h["chan"]), skip)
+            await self.parked.captured(node.channels.members.get(h["chan"]), skip)
             return {"n": n}
         if op == "ep_drain":
             return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
@@ -190,13 +189,13 @@ class Delivery:
                 raise ApiError(404, "unknown connection", connection=h["id"])
             return answer
         if op == "takeover":   # before the lookup: a session being parked is no longer indexed as live
-            return {"n": 1 if self._drop_here(self._holding(h["id"]), h["th"], h.get("sub"), h.get("routes")) else 0}
+            return {"n": 1 if self.parked.drop_here(self.parked.holding(h["id"]), h["th"], h.get("sub"), h.get("routes")) else 0}
         s = self.local(h["id"])
         if s is None:
             raise ApiError(404, "unknown connection", connection=h["id"])
         if op == "conn":
             pushed = _pushed(s, s.send_message(h["opcode"], payload))
-            await self._captured((s,))
+            await self.parked.captured((s,))
             return {"n": pushed["delivered"], **({"buffer_full": 1} if "buffer_full" in pushed else {})}
         if op == "close":
             s.gateway_close(h["code"], h["reason"])
@@ -218,17 +217,6 @@ class Delivery:
         if s is None:
             s = self.by_session.get(any_id) or self.resuming.get(any_id)
         return s
-
-    async def _captured(self, sessions, skip=None) -> None:
-        """Until what went to the captures of any of `sessions` (this node's, draining or
-        dropped; not those in `skip`, sent to another way) is in the store. A publisher is answered after that: its next message,
-        which finds the session parked and goes to the replay buffer straight away, cannot
-        overtake this one, still on its way there from the capture."""
-        drainer = self.node.drainer
-        if drainer is None or not drainer.captures or not sessions:
-            return
-        for capture in [c for c in drainer.captures if c.s in sessions and not (skip and c.sid in skip)]:
-            await capture.flushed()
 
     def _fan_out(self, name: str, opcode: int, payload: bytes, offset: int | None, skip=None) -> int:
         held = self._held.get(name)
@@ -336,55 +324,6 @@ class Delivery:
         answer = await self._remote(any_id, {"op": "conn", "opcode": opcode}, payload)
         return {"delivered": answer.get("n", 0), **({"buffer_full": 1} if answer.get("buffer_full") else {})}
 
-    async def take_over(self, sid: str, token_hash: str, sub: str | None = None, routes=None) -> bool:
-        """A reliable session's client resumes while its old connection still looks
-        alive (half-open, docs/reliable.md): the node holding it drops that connection
-        now, which parks the session as a real drop does. True when a node did; the
-        resume then waits for the seal. `token_hash`: of the hello's token, which only
-        that node knows, so nobody else can have a live session cut; and the resume's
-        subject `sub` and the `routes` its request matched, which must be the session's
-        (SECURITY.md: a token in another subject's hands cuts nothing)."""
-        routes = None if routes is None else list(routes)
-        s = self._holding(sid)
-        if s is not None:
-            return self._drop_here(s, token_hash, sub, routes)
-        try:
-            rec = await self._where(sid)
-            if rec is not None and rec.get("node") not in (None, DETACHED_NODE, self.node_id):
-                nodes = {rec["node"]}
-            else:
-                nodes = await self._other_nodes()   # its live record may not be written yet: ask every node
-            answers, _ = await self._ask(nodes, {"op": "takeover", "id": sid, "th": token_hash, "sub": sub,
-                                                 "routes": routes})
-        except StoreUnavailable:
-            return False
-        return any(a.get("n") for a in answers.values())
-
-    def _holding(self, sid: str):
-        """This node's session `sid`, live or being parked (its record not written yet)."""
-        s = self.local(sid)
-        if s is None:
-            drainer = self.node.drainer
-            s = next((c.s for c in (drainer.captures if drainer is not None else ()) if c.sid == sid), None)
-        return s
-
-    @staticmethod
-    def _drop_here(s, token_hash: str, sub: str | None = None, routes=None) -> bool:
-        """True when the resume should wait for `s` to be parked (it is, or will be now)."""
-        rel = s.rel if s is not None else None
-        if rel is None or not hmac.compare_digest(rel.token_hash, token_hash):
-            return False
-        if s.route is not None and (s.route.wants_token and (s.sub or "") != (sub or "")
-                                    or routes is not None and s.route.name not in routes):
-            return False   # the take that follows refuses it (401): nothing to cut
-        if s.capture is not None:
-            return True    # dropped already, its record on the way: the resume waits for it
-        if s.state is not State.OPEN:
-            return False
-        event(log, "reliable_takeover", conn=s.id, session=s.session_id)
-        s.transport.abort()   # its connection_lost parks it (drain.Drainer.dropped)
-        return True
-
     async def close_connection(self, any_id: str, code: int, reason: str) -> dict:
         s = self.local(any_id)
         if s is not None:
@@ -434,14 +373,14 @@ class Delivery:
         nodes.discard(DETACHED_NODE)
         parked = _parked(index)
         n = self._send_sub(sub, frames.frame(opcode, payload), parked)
-        await self._captured(self.node.by_sub.get(sub), parked)
+        await self.parked.captured(self.node.by_sub.get(sub), parked)
         header = {"op": "sub", "sub": sub, "opcode": opcode}
         if parked:
             header["skip"] = sorted(parked)
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self._to_parked(index, out, opcode, payload, lambda: self.store.subject_sessions(sub))
+        await self.parked.to_parked(index, out, opcode, payload, lambda: self.store.subject_sessions(sub))
         return out
 
     async def send_to_channel(self, name: str, opcode: int, payload: bytes, *, confirm: bool = True) -> dict:
@@ -457,7 +396,7 @@ class Delivery:
         parked = _parked(index)
         n = self._fan_out(name, opcode, payload, offset, parked)
         if confirm:
-            await self._captured(self.node.channels.members.get(name), parked)
+            await self.parked.captured(self.node.channels.members.get(name), parked)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
         if parked:
             header["skip"] = sorted(parked)
@@ -469,7 +408,7 @@ class Delivery:
         answers, missing = await self._ask(nodes, header, payload)
         n += sum(a.get("n", 0) for a in answers.values())
         out = self._counted(n, missing)
-        await self._to_parked(index, out, opcode, payload, lambda: self._channel_index(name))
+        await self.parked.to_parked(index, out, opcode, payload, lambda: self._channel_index(name))
         if offset is not None:
             out["offset"] = offset
             out["epoch"] = epoch
@@ -478,47 +417,6 @@ class Delivery:
     async def _channel_index(self, name: str) -> dict[str, str]:
         """Session id -> the node of each member of channel `name`, as the store has it."""
         return {sid: m.get("node") for sid, m in (await self.store.channel_members(name)).items()}
-
-    async def _to_parked(self, index: dict, out: dict, opcode: int, payload: bytes, where) -> None:
-        """What goes to the sessions `index` names as detached (node ""): their replay
-        buffers, counted in the answer. One answered "gone" was resumed since the index
-        was read: the resume's finish named the new node in the index in the same step
-        as it took the buffer (store.detached.finish), so `where()` (the index read
-        again) says where it is now, and it is sent there before this publish is
-        answered: the sender's next message cannot overtake it. Parked again meanwhile
-        (a drop at once after the resume): its new buffer. Ended: no one to send to."""
-        sids = [sid for sid, node in index.items() if node == DETACHED_NODE]
-        if not sids:
-            return
-        out["buffered"] = 0
-        for _ in range(3):   # each round, a resume of the session came between; bounded all the same
-            kept, full, gone = await self.parked.append(sids, opcode, payload)
-            out["delivered"] += kept
-            out["buffered"] += kept
-            if full:
-                out["buffer_full"] = out.get("buffer_full", 0) + full
-            if not gone:
-                return
-            now = await where()
-            sids = []
-            for sid in gone:
-                node = now.get(sid)
-                if node == DETACHED_NODE:
-                    sids.append(sid)
-                elif node is not None:
-                    out["delivered"] += await self._to_session(node, sid, opcode, payload, out)
-            if not sids:
-                return
-
-    async def _to_session(self, node: str, sid: str, opcode: int, payload: bytes, out: dict) -> int:
-        """One message to session `sid` on `node`: 1 when it took it."""
-        if node == self.node_id:
-            s = self.local(sid)
-            return 1 if s is not None and s.send_message(opcode, payload) else 0
-        answers, missing = await self._ask([node], {"op": "conn", "id": sid, "opcode": opcode}, payload)
-        if missing:
-            out["unconfirmed_nodes"] = sorted(set(out.get("unconfirmed_nodes", ())) | set(missing))
-        return answers.get(node, {}).get("n", 0)
 
     def publish_later(self, name: str, opcode: int, payload: bytes) -> None:
         """A channel message from inside the gateway (chat): cluster-wide, in

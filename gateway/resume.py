@@ -112,7 +112,7 @@ async def claim(node, raw: str, token: str | None, candidates=None):
             # until the park after its next drop replaces it, and the token the client has
             # is the one that resume's hello gave (the live session knows it, nobody else).
             asked = True
-            taking_over = await node.cluster.delivery.take_over(
+            taking_over = await node.cluster.delivery.parked.take_over(
                 sid, th, sub, None if candidates is None else [c.name for c in candidates])
             wait_until = loop.time() + TAKEOVER_WAIT_S
             continue

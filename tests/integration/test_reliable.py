@@ -389,13 +389,13 @@ def hold_park(gw) -> asyncio.Event:
 def record_takeovers(gw) -> list[bool]:
     """What each take-over `gw` asks for is answered, in order."""
     delivery = gw.node.cluster.delivery
-    take_over = delivery.take_over
+    take_over = delivery.parked.take_over
     asked: list[bool] = []
 
     async def recorded(*args):
         asked.append(await take_over(*args))
         return asked[-1]
-    delivery.take_over = recorded
+    delivery.parked.take_over = recorded
     return asked
 
 
