@@ -240,6 +240,11 @@ class Capture:
                         self._give_up("detached session gone")
                         return
                 if seal:
+                    if self.pending:
+                        # Added while the seal was on its way (a publisher that read the index
+                        # before the park): written after it, as the resume's finish takes
+                        # whatever the buffer holds by then.
+                        continue
                     self.done.set_result(True)
                     return
         finally:

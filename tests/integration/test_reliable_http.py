@@ -284,6 +284,31 @@ async def test_a_publishers_next_message_does_not_overtake_one_still_on_its_way_
     assert await room.resume(1, 3) == [b"welcome", b"m1", b"m2"]
 
 
+async def test_a_message_that_reaches_the_capture_while_its_seal_is_on_its_way_is_kept(
+        gateway, http_peer, http, jwt_env, monkeypatch):
+    """A delivery that read the index before the park (another node's, say) can reach
+    the capture after the session has ended, while the sealing write is in flight. It
+    was counted as taken: it is written after the seal, and replayed."""
+    room = await Room.join(gateway, http_peer, http, monkeypatch, "hal")
+    detached = room.detached
+    sealing, release = asyncio.Event(), asyncio.Event()
+    append = detached.append
+
+    async def seal_held(sid, entries, *caps, **kw):
+        if kw.get("seal"):
+            sealing.set()
+            await release.wait()
+        return await append(sid, entries, *caps, **kw)
+    detached.append = seal_held
+    await room.drop()
+    (capture,) = room.gw.node.drainer.captures
+    await asyncio.wait_for(sealing.wait(), 10)
+    assert capture.add(frames.OP_TEXT, b"while sealing")
+    release.set()
+    await asyncio.wait_for(capture.done, 10)
+    assert await room.resume(1, 2) == [b"welcome", b"while sealing"]
+
+
 def hold_after_park(gw) -> asyncio.Event:
     """`gw` writes its parked records, then waits for the returned event before going
     on: what it would write to the replay buffer next waits too."""
