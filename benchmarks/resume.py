@@ -87,7 +87,9 @@ class Redis:
         raise RuntimeError("redis-server did not answer PING within 10 s")
 
     def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+        # Not poll(): it reaps an exited process, and then one_rep's wait4 (whose rusage is
+        # the figure) fails with ECHILD. A pid that is gone reads as no CPU (cpu_split).
+        return [self.proc.pid] if self.proc and self.proc.returncode is None else []
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
