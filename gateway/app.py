@@ -208,14 +208,17 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await self.stopping.wait()
-        await self.stop()
-        # Stopped, but the interpreter still has to wind down, and closing the
-        # loop would put these signals back to their default action: a SIGTERM
-        # then (the kubelet's, after a preStop drain that finished first) would
-        # kill the process and turn its exit 0 into 143. Nothing is left to stop.
+        # Stopping: from here a signal changes nothing, and once the loop closes (or its
+        # handler is removed) these signals would go back to their default action: a SIGTERM
+        # then (the kubelet's, after a preStop drain that finished first) would kill the
+        # process and turn its exit 0 into 143. So they are ignored, and now rather than
+        # after the stop: the instant between the loop's handler going and SIG_IGN coming
+        # is right after the stop was asked for, not when the drain has ended and a
+        # SIGTERM is most likely (a CI run hit it there).
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
+        await self.stop()
 
 
 ADMIN_CLOSE_GRACE_S = 1.0   # at most this long for a request on its way on a connection already taken
