@@ -172,15 +172,9 @@ class Delivery:
         """What another node asked this one to do, on this node's own sessions."""
         node = self.node
         if op == "sub":
-            skip = _skip(h)
-            n = self._send_sub(h["sub"], frames.frame(h["opcode"], payload), skip)
-            await self.parked.captured(node.by_sub.get(h["sub"]), skip)
-            return {"n": n}
+            return {"n": await self._sub_here(h["sub"], h["opcode"], payload, _skip(h))}
         if op == "chan":
-            skip = _skip(h)
-            n = self._fan_out(h["chan"], h["opcode"], payload, h.get("offset"), skip)
-            await self.parked.captured(node.channels.members.get(h["chan"]), skip)
-            return {"n": n}
+            return {"n": await self._channel_here(h["chan"], h["opcode"], payload, h.get("offset"), _skip(h))}
         if op == "ep_drain":
             return {"n": reattach.endpoint_draining(node, h["backend"], h["endpoint"], h["draining"])}
         if op == "trace":   # before the session lookup: a finished trace outlives its session
@@ -222,9 +216,20 @@ class Delivery:
         held = self._held.get(name)
         return self.node.channels.publish(name, opcode, payload, held=held, offset=offset, skip=skip)
 
-    def _send_sub(self, sub: str, frame: bytes, skip=None) -> int:
-        return sum(1 for s in list(self.node.by_sub.get(sub) or ())
-                   if not (skip and s.session_id in skip) and s.send_raw(frame))
+    async def _channel_here(self, name: str, opcode: int, payload: bytes, offset: int | None, skip) -> int:
+        """This node's members of channel `name`, for a publisher waiting for its answer:
+        sent, and what went to a capture is in the store (Parked.captured)."""
+        n = self._fan_out(name, opcode, payload, offset, skip)
+        await self.parked.captured(self.node.channels.members.get(name), skip)
+        return n
+
+    async def _sub_here(self, sub: str, opcode: int, payload: bytes, skip) -> int:
+        """This node's sessions of subject `sub`, as _channel_here."""
+        frame = frames.frame(opcode, payload)
+        sessions = self.node.by_sub.get(sub)
+        n = sum(1 for s in list(sessions or ()) if not (skip and s.session_id in skip) and s.send_raw(frame))
+        await self.parked.captured(sessions, skip)
+        return n
 
     async def _join_local(self, s, name: str, since: int | None, epoch: str | None) -> dict:
         channels = self.node.channels
@@ -372,8 +377,7 @@ class Delivery:
         nodes.discard(self.node_id)
         nodes.discard(DETACHED_NODE)
         parked = _parked(index)
-        n = self._send_sub(sub, frames.frame(opcode, payload), parked)
-        await self.parked.captured(self.node.by_sub.get(sub), parked)
+        n = await self._sub_here(sub, opcode, payload, parked)
         header = {"op": "sub", "sub": sub, "opcode": opcode}
         if parked:
             header["skip"] = sorted(parked)
@@ -394,9 +398,10 @@ class Delivery:
         nodes.discard(self.node_id)
         nodes.discard(DETACHED_NODE)
         parked = _parked(index)
-        n = self._fan_out(name, opcode, payload, offset, parked)
         if confirm:
-            await self.parked.captured(self.node.channels.members.get(name), parked)
+            n = await self._channel_here(name, opcode, payload, offset, parked)
+        else:
+            n = self._fan_out(name, opcode, payload, offset, parked)
         header = {"op": "chan", "chan": name, "opcode": opcode, "offset": offset}
         if parked:
             header["skip"] = sorted(parked)
